@@ -377,6 +377,18 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         return x if return_hidden else self.lm_head(x)  # (B, T, V)
 
+    def logps(self, idx, target_mask, attention_mask=None):
+        """Per-token log-probabilities log pi(idx[:, t] | idx[:, <t]) at the positions where target_mask
+        is True, 0 elsewhere: (N, T) float32. target_mask (N, T) is aligned with idx (position 0 has no
+        prediction and is ignored). The output head and log-softmax run only on the selected positions,
+        not on prompt and padding tokens: with 50k-token vocabularies the head is most of the work.
+        Equal to token_logps(self(idx)[:, :-1], idx[:, 1:]) on the selected positions (tested)."""
+        h = self(idx, attention_mask=attention_mask, return_hidden=True)  # (N, T, C)
+        sel = target_mask[:, 1:].bool()  # (N, T-1): hidden state t predicts token t+1
+        lp = token_logps(self.lm_head(h[:, :-1][sel]), idx[:, 1:][sel])  # (M,) M = selected tokens
+        out = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)  # (N, T)
+        return out.masked_scatter(F.pad(sel, (1, 0)), lp)
+
     def _attention_mask(self, attention_mask, T, past, device):
         """True (plain causal kernel), False (no mask: bidirectional) or a boolean (B, 1, T, past+T) mask."""
         causal = self.config.causal

@@ -310,3 +310,19 @@ def test_download_from_local_server_is_atomic_and_resumes(tmp_path):
         assert not (tmp_path / "out" / "x").exists()
     finally:
         server.shutdown()
+
+
+def test_logps_on_selected_positions_equal_full_logits():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**TINY))
+    idx = tokens(4, 12)
+    mask = torch.rand(4, 12, generator=torch.Generator().manual_seed(2)) < 0.5
+    full = M.token_logps(m(idx)[:, :-1], idx[:, 1:])  # (4, 11)
+    fast = m.logps(idx, mask)
+    expect = torch.where(mask[:, 1:], full, torch.zeros_like(full))
+    torch.testing.assert_close(fast[:, 1:], expect, atol=1e-6, rtol=0)
+    assert (fast[:, 0] == 0).all()
+    # and the gradients agree
+    g_full = torch.autograd.grad(expect.sum(), m.wte.weight)[0]
+    g_fast = torch.autograd.grad(m.logps(idx, mask).sum(), m.wte.weight)[0]
+    torch.testing.assert_close(g_fast, g_full, atol=1e-6, rtol=0)
