@@ -142,10 +142,10 @@ def token_logps(logits, labels):
         logits: (N, T, V) any float dtype; row t is the distribution over labels[:, t].
         labels: (N, T) int64 token ids.
     Returns:
-        (N, T) float32. The log-softmax runs in float32 even for bf16/fp16 logits: in half
+        (N, T) float32 (float64 for float64 logits). The log-softmax runs in float32 even for bf16/fp16 logits: in half
         precision the logsumexp over 50k entries loses the small probabilities and gives NaN/-inf.
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64 (tests)
     return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 

@@ -1,0 +1,372 @@
+"""Data: GPT-2 tokens, the IMDb reviews, preference pairs (JSONL, Anthropic HH) and padded DPO batches.
+
+    DPO_IMDB=../shared/data/aclImdb_v1.tar.gz TIKTOKEN_CACHE_DIR=../shared/tiktoken \
+    python -c "import data; r = data.read_imdb('test'); print(len(r), r[0]['rating'], data.encode(r[0]['text'])[:8])"
+
+Readers return plain lists of dicts; user mistakes raise model.InputError, one line naming the
+file (and line) and what to do. Nothing runs at import time.
+
+Shape notation:
+    B  pairs in a batch; chosen and rejected rows stack to 2B rows (chosen rows first)
+    T  time: the longest prompt+response row in the batch (no fixed padding)
+"""
+import difflib
+import functools
+import gzip
+import json
+import os
+import re
+import sys
+import tarfile
+import zlib
+
+import tiktoken
+import torch
+
+from model import InputError, cache_dir, download
+
+EOS = 50256  # <|endoftext|>: appended to every response, and the padding id
+
+# ----------------------------------------------------------------------------------------------
+# Tokens
+
+
+@functools.lru_cache(maxsize=None)
+def get_encoding():
+    """tiktoken's GPT-2 BPE. Offline it needs $TIKTOKEN_CACHE_DIR pointing at a folder of its files."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (OSError, ImportError, ValueError) as e:  # requests' errors are OSErrors
+        raise InputError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); set TIKTOKEN_CACHE_DIR "
+                         f"to a folder holding them (this project ships one in shared/tiktoken)") from None
+
+
+def encode(text):
+    """str -> list[int]. Special tokens are never parsed from text: a literal "<|endoftext|>" in user data
+    is encoded as ordinary characters, so only the code below ever emits EOS."""
+    return get_encoding().encode(text, allowed_special=set(), disallowed_special=())
+
+
+def decode(ids):
+    """list[int] (or a 1-D tensor) -> str. EOS decodes to "<|endoftext|>"."""
+    return get_encoding().decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# IMDb: Large Movie Review Dataset v1.0 (Maas et al. 2011), 25k train + 25k test, balanced.
+
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+_REVIEW = re.compile(r"(?:^|/)(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")  # {split}/{label}/{id}_{rating}.txt
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+def imdb_path(path=None):
+    """Where the IMDb data is: `path`, else $DPO_IMDB, else <cache_dir()>/aclImdb_v1.tar.gz (downloaded if absent).
+    Either the .tar.gz archive or the extracted folder (`aclImdb/` itself or its parent) will do."""
+    path = path or os.environ.get("DPO_IMDB")
+    if path:
+        return path
+    dest = os.path.join(cache_dir(), "aclImdb_v1.tar.gz")
+    try:
+        return download(IMDB_URL, dest, what="IMDb")
+    except InputError as e:  # offline: keep download's reason and destination, add the alternative
+        raise InputError(f"{e}, or set DPO_IMDB to the archive or its extracted aclImdb/ folder") from None
+
+
+def read_imdb(split="train", path=None):
+    """The labelled reviews of one split as dicts {"text", "label" (1 pos, 0 neg), "rating" (1-4, 7-10), "id"},
+    sorted by label then id. "<br />" line breaks become "\\n"; `unsup/` and other files are ignored.
+
+    The archive is streamed, never extracted; one pass parses both splits and the result is kept in memory
+    for the process (keyed by path, size and mtime), so reading "train" then "test" costs one pass."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    path = imdb_path(path)
+    st = os.stat(path) if os.path.exists(path) else None
+    rows = _parse_imdb(os.path.abspath(path), st and (st.st_size, st.st_mtime_ns))[split]
+    if not rows:
+        raise InputError(f"{path}: no {split} reviews found (expected aclImdb/{split}/{{pos,neg}}/{{id}}_{{rating}}"
+                         f".txt); pass the archive from {IMDB_URL} or its extracted folder")
+    return [dict(r) for r in rows]  # copies: callers may edit them without touching the cache
+
+
+@functools.lru_cache(maxsize=2)
+def _parse_imdb(path, stamp):
+    """{"train": [...], "test": [...]} from an archive or folder. `stamp` only keys the cache."""
+    out = {"train": [], "test": []}
+    for name, raw in _imdb_files(path):
+        split, label, id_, rating = _REVIEW.search(name).groups()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: {name} is not UTF-8; replace the data with the original archive") from None
+        out[split].append({"text": _BR.sub("\n", text), "label": int(label == "pos"),
+                           "rating": int(rating), "id": int(id_)})
+    for rows in out.values():
+        rows.sort(key=lambda r: (r["label"], r["id"]))
+    return out
+
+
+def _imdb_files(path):
+    """Yield (name, bytes) for every review file, from a .tar.gz (streamed) or an extracted folder."""
+    if os.path.isdir(path):
+        has_splits = any(os.path.isdir(os.path.join(path, split)) for split in ("train", "test"))
+        root = path if has_splits else os.path.join(path, "aclImdb")  # aclImdb/ itself, or its parent
+        for split in ("train", "test"):
+            for label in ("pos", "neg"):
+                folder = os.path.join(root, split, label)
+                for entry in (os.scandir(folder) if os.path.isdir(folder) else ()):
+                    name = f"{split}/{label}/{entry.name}"
+                    if entry.is_file() and _REVIEW.search(name):
+                        with open(entry.path, "rb") as f:
+                            yield name, f.read()
+    elif os.path.isfile(path):
+        try:
+            with tarfile.open(path, "r|*") as tar:  # "|": one sequential pass over the gzip stream
+                for member in tar:
+                    if member.isfile() and _REVIEW.search(member.name):
+                        yield member.name, tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise InputError(f"{path}: not a readable .tar.gz archive ({e}); it may be truncated or corrupt: delete "
+                             f"it and download {IMDB_URL} again, or pass the extracted aclImdb/ folder") from None
+    else:
+        raise InputError(f"{path}: no such file or folder; pass the IMDb archive ({IMDB_URL}) "
+                         f"or its extracted aclImdb/ folder, or set DPO_IMDB")
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference pairs: every reader returns [{"prompt": str, "chosen": str, "rejected": str}, ...]
+
+def read_jsonl_pairs(path):
+    """Pairs from a JSON-lines file (gzip-compressed or not): one object per line with non-empty string
+    values for "prompt", "chosen" and "rejected" (the prompt must be non-empty too: the first response
+    token is predicted from the prompt's last one). Extra keys are ignored, blank lines skipped."""
+    keys = ("prompt", "chosen", "rejected")
+    pairs = [dict(zip(keys, _fields(path, lineno, obj, keys))) for lineno, obj in _jsonl(path)]
+    return _checked(path, pairs)
+
+
+HH_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz"
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+_ASSISTANT = "\n\nAssistant:"
+
+
+def split_hh(chosen, rejected):
+    """Split two Anthropic HH transcripts into (prompt, chosen_response, rejected_response).
+
+    The prompt is the longest shared start of both transcripts that ends with "\\n\\nAssistant:", i.e. it runs
+    through the last "\\n\\nAssistant:" before they differ. The responses are the rest, leading space kept
+    (" Sure, ..."), so prompt + chosen_response == chosen exactly. (The official code takes the last
+    "\\n\\nAssistant:" of `chosen` alone, which breaks when the transcripts differ in an earlier turn.)
+    Raises ValueError if the shared start has no "\\n\\nAssistant:"."""
+    shared = os.path.commonprefix([chosen, rejected])  # a string function, despite the module
+    i = shared.rfind(_ASSISTANT)
+    if i < 0:
+        raise ValueError('no "\\n\\nAssistant:" in the start shared by chosen and rejected')
+    k = i + len(_ASSISTANT)
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
+def read_hh(source):
+    """Pairs from Anthropic's HH-RLHF: `source` is a .jsonl(.gz) file with "chosen" and "rejected" transcripts,
+    or a name "subset/split" (e.g. "harmless-base/test"; subsets HH_SUBSETS, splits train/test). A name
+    resolves to $DPO_HH/<subset>/<split>.jsonl.gz (or $DPO_HH/<subset>-<split>.jsonl.gz) when $DPO_HH names
+    a folder, else to <cache_dir()>/hh-rlhf/<subset>/<split>.jsonl.gz, downloaded from HH_URL if absent."""
+    path = _hh_path(source)
+    pairs = []
+    for lineno, obj in _jsonl(path):
+        chosen, rejected = _fields(path, lineno, obj, ("chosen", "rejected"))
+        try:
+            prompt, chosen, rejected = split_hh(chosen, rejected)
+        except ValueError as e:
+            raise InputError(f"{path}:{lineno}: {e}; each transcript must hold a dialogue "
+                             f"'\\n\\nHuman: ...\\n\\nAssistant: ...'") from None
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return _checked(path, pairs)
+
+
+def _hh_path(source):
+    """A local file as is; a name "subset/split" via $DPO_HH or the download cache."""
+    if os.path.exists(source):
+        return source
+    m = re.fullmatch(r"([\w-]+)/(train|test)", source)
+    if not m:
+        raise InputError(f"{source}: no such file, and not a name like harmless-base/test; pass a .jsonl(.gz) "
+                         f"file or one of {', '.join(HH_SUBSETS)} followed by /train or /test")
+    subset, split = m.groups()
+    if subset not in HH_SUBSETS:
+        raise InputError(f"{source}: unknown HH subset {subset!r}; use one of {', '.join(HH_SUBSETS)}")
+    if os.environ.get("DPO_HH"):
+        tries = [os.path.join(os.environ["DPO_HH"], subset, f"{split}.jsonl.gz"),
+                 os.path.join(os.environ["DPO_HH"], f"{subset}-{split}.jsonl.gz")]
+        found = [p for p in tries if os.path.isfile(p)]
+        if not found:
+            raise InputError(f"DPO_HH={os.environ['DPO_HH']}: holds neither {tries[0]} nor {tries[1]}; "
+                             f"put the file there or unset DPO_HH")
+        return found[0]
+    dest = os.path.join(cache_dir(), "hh-rlhf", subset, f"{split}.jsonl.gz")
+    url = HH_URL.format(subset=subset, split=split)
+    try:
+        return download(url, dest, what=f"hh-rlhf {source}")
+    except InputError as e:
+        raise InputError(f"{e}, or set DPO_HH to a folder holding {subset}/{split}.jsonl.gz") from None
+
+
+def _json_type(x):
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(x), "a number")
+
+
+def _jsonl(path):
+    """Yield (lineno, dict) for each non-blank line of a JSON-lines file, gzip-compressed or not."""
+    try:
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+    except OSError as e:
+        raise InputError(f"{path}: cannot open ({e.strerror}); check the path") from None
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line); "
+                                     f"save the file as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); "
+                                     f"write one JSON object per line") from None
+                if not isinstance(obj, dict):
+                    raise InputError(f"{path}:{lineno}: expected a JSON object, got {_json_type(obj)}; "
+                                     f"write one object per line") from None
+                yield lineno, obj
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: cannot read the gzip data ({e}); the file may be truncated: "
+                         f"download or compress it again") from None
+
+
+def _fields(path, lineno, obj, keys):
+    """The values of `keys` in a JSON object, each checked to be a non-empty string."""
+    values = []
+    for key in keys:
+        if key not in obj:
+            near = difflib.get_close_matches(key, [str(k) for k in obj], n=1)
+            hint = f'did you mean "{near[0]}"? rename it to "{key}"' if near else f"each line needs {', '.join(keys)}"
+            raise InputError(f'{path}:{lineno}: missing key "{key}"; {hint}')
+        if not isinstance(obj[key], str):
+            raise InputError(f'{path}:{lineno}: "{key}" is {_json_type(obj[key])}, not a string; '
+                             f"make every {'/'.join(keys)} value a string")
+        if not obj[key]:
+            raise InputError(f'{path}:{lineno}: "{key}" is empty; fill it in or remove the line')
+        values.append(obj[key])
+    return values
+
+
+def _checked(path, pairs):
+    if not pairs:
+        raise InputError(f"{path}: no pairs found (the file is empty); check that it is the right file")
+    same = sum(p["chosen"] == p["rejected"] for p in pairs)
+    if same:
+        print(f"warning: {path}: {same} pairs have identical chosen and rejected; they contribute no gradient",
+              file=sys.stderr)
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenised pairs and padded batches (after eric-mitchell/direct-preference-optimization,
+# preference_datasets.py: tokenize_batch_element and the collate function)
+
+def tokenize_pair(prompt, chosen, rejected, max_length=512, max_prompt_length=256, truncation_mode="keep_end"):
+    """Token ids of one preference pair: {"prompt_ids", "chosen_ids", "rejected_ids", "truncated"}.
+
+    Prompt and responses are tokenised SEPARATELY, and EOS is appended to each response, so the
+    prompt/response boundary is exact and prompt_ids == encode(prompt). This can differ from tokenising
+    the concatenation, where the prompt's last token may merge with the response's first ("Hel" + "lo"
+    is [Hel][lo], while "Hello" is one token); like the official code we choose the exact boundary.
+
+    If prompt + the longer response exceeds max_length tokens: (1) the prompt is cut to max_prompt_length,
+    keeping its end ("keep_end": the latest dialogue turns) or its start ("keep_start"); (2) if still too
+    long, both responses keep their first max_length - len(prompt) tokens (and so lose their EOS). Each
+    response keeps at least one token because max_prompt_length < max_length is required."""
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}) "
+                         f"so that every response keeps at least one token")
+    if truncation_mode not in ("keep_end", "keep_start"):
+        raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', not {truncation_mode!r}")
+    prompt_ids = encode(prompt)
+    chosen_ids, rejected_ids = encode(chosen) + [EOS], encode(rejected) + [EOS]
+    n_prompt, n_response = len(prompt_ids), max(len(chosen_ids), len(rejected_ids))
+    if n_prompt + n_response > max_length and n_prompt > max_prompt_length:  # (1)
+        keep = max_prompt_length
+        prompt_ids = prompt_ids[n_prompt - keep:] if truncation_mode == "keep_end" else prompt_ids[:keep]
+    room = max_length - len(prompt_ids)  # (2)
+    chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    truncated = len(prompt_ids) < n_prompt or n_response > room
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "truncated": truncated}
+
+
+def collate_pairs(items, pad_id=EOS):
+    """Stack B tokenised pairs into 2B right-padded rows: rows 0..B-1 are prompt+chosen, rows B..2B-1
+    prompt+rejected (same pair order). `items` are tokenize_pair outputs, or any dicts with "prompt_ids",
+    "chosen_ids", "rejected_ids" (e.g. sampled token ids). Every prompt must be non-empty, so that each
+    response token has a previous position that predicts it.
+
+    Returns a dict of tensors:
+        input_ids      (2B, T) int64, pad_id after each row's end
+        attention_mask (2B, T) int64, 1 on real tokens, 0 on padding
+        loss_mask      (2B, T) bool, True exactly where input_ids holds a response token (EOS included).
+                       It marks the tokens to score: logits[:, t-1] predicts input_ids[:, t], so use
+                       loss_mask[:, 1:] with labels input_ids[:, 1:].
+        prompt_lens    (2B,) int64
+        response_lens  (2B,) int64
+    """
+    if not items:
+        raise ValueError("collate_pairs needs at least one pair")
+    prompts = [it["prompt_ids"] for it in items] * 2
+    responses = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: the first response token would have nothing to be predicted from; "
+                         "start the prompt with at least one token (e.g. EOS)")
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros(len(prompts), T, dtype=torch.long)  # (2B, T)
+    loss_mask = torch.zeros(len(prompts), T, dtype=torch.bool)  # (2B, T)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        input_ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        loss_mask[i, len(p):n] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "prompt_lens": torch.tensor([len(p) for p in prompts], dtype=torch.long),  # (2B,)
+            "response_lens": torch.tensor([len(r) for r in responses], dtype=torch.long)}  # (2B,)
+
+
+def batches(items, batch_size, generator=None, shuffle=True, drop_last=False):
+    """An iterator over lists of `batch_size` items: one epoch, each item once (the last list is shorter
+    unless drop_last). Shuffling uses only the torch.Generator the caller passes, never the global RNG,
+    so a seed fixes the order; the permutation is drawn when batches() is called."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    if shuffle and generator is None:
+        raise ValueError("shuffle=True needs generator=torch.Generator().manual_seed(seed)")
+    order = torch.randperm(len(items), generator=generator).tolist() if shuffle else list(range(len(items)))
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    return ([items[i] for i in order[start:start + batch_size]] for start in range(0, stop, batch_size))
+
+
+def left_pad(seqs, pad_id=EOS):
+    """Left-pad token lists for batched generation, so every row's last real token sits at column T-1.
+    Returns ids (B, T) int64 and attention_mask (B, T) int64 (0 on padding)."""
+    if not seqs:
+        raise ValueError("left_pad needs at least one sequence")
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, T - len(s):] = 1
+    return ids, mask

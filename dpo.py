@@ -1,0 +1,642 @@
+"""Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290): the derivation, the losses
+and their hand-written gradients, then the trainer.
+
+    python -m pytest -q test_dpo.py      # checks every formula below against autograd
+
+Shape notation
+    B    preference pairs in a batch
+    T    time: tokens per row (prompt + response + padding)
+    V    vocabulary size
+    N    rows of a batch; N = 2B when chosen and rejected are stacked: rows 0..B-1 chosen, B..2B-1 rejected
+
+Derivation (plain-text math; the code lines that implement a step are tagged `# (n)`)
+
+(1) KL-constrained reward maximisation, for each prompt x:
+        max_pi  E_{y ~ pi(.|x)}[ r(x,y) ] - beta * KL( pi(.|x) || pi_ref(.|x) )
+    pi_ref is the SFT model; beta > 0 sets how far pi may move away from it.
+(2) Its optimal policy, in closed form:
+        pi_r(y|x) = pi_ref(y|x) * exp(r(x,y) / beta) / Z(x),    Z(x) = sum_y pi_ref(y|x) exp(r(x,y) / beta)
+    because the objective in (1) equals -beta * KL(pi || pi_r) + beta * log Z(x), largest at pi = pi_r.
+(3) Take the log of (2) and solve for the reward:
+        r(x,y) = beta * log pi_r(y|x)/pi_ref(y|x) + beta * log Z(x)
+    Every policy pi therefore defines an implicit reward rhat(x,y) = beta * log pi(y|x)/pi_ref(y|x)
+    (the chosen_rewards and rejected_rewards returned by preference_loss).
+(4) Bradley-Terry: p(y_w > y_l | x) = sigmoid(r(x,y_w) - r(x,y_l)). Substituting (3), the two
+    beta * log Z(x) terms cancel (same x), so the intractable Z(x) is never computed:
+        p(y_w > y_l | x) = sigmoid(rhat_w - rhat_l) = sigmoid(beta * h)
+        h = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)] = pi_logratios - ref_logratios
+(5) Maximum likelihood of the preference data is the DPO loss (Eq. 7):
+        L = -E log sigmoid( beta log pi(y_w|x)/pi_ref(y_w|x) - beta log pi(y_l|x)/pi_ref(y_l|x) )
+          = mean_i -log sigmoid(beta * h_i)
+(6) Gradient. d/du[-log sigmoid(u)] = -sigmoid(-u) with u = beta * h = rhat_w - rhat_l, so over a batch
+        dL/dh_i = -(beta/B) * sigmoid(-beta h_i) = dL/dlog pi(y_w) = -dL/dlog pi(y_l)
+        grad L  = -beta * E[ sigmoid(rhat_l - rhat_w) * (grad log pi(y_w|x) - grad log pi(y_l|x)) ]
+    The weight sigmoid(rhat_l - rhat_w) is near 1 when the implicit reward misranks the pair and near 0
+    when it already ranks it right by a wide margin: misranked pairs weigh more. The paper reports that
+    without this weight (unlikelihood on y_l, likelihood on y_w) the model degenerates.
+    Appendix A.4 (Eqs. 21-22) of at least one arXiv version of the paper prints this gradient with y_w and
+    y_l swapped (eric-mitchell/direct-preference-optimization issues #60, #63). The sign here is the main
+    text's, and test_dpo.py checks it against autograd.
+(7) Through the sequence log-prob log pi(y|x) = sum_t mask_t * log softmax(z_t)[y_t], where z_t are the
+    logits that predict y_t (in code: logits[:, t-1] predicts labels[:, t]):
+        d log pi(y|x) / d z_{t,v} = mask_t * (onehot(y_t)_v - softmax(z_t)_v)
+    and the chain rule gives dL/dz_{t,v} = dL/dlog pi(y|x) * mask_t * (onehot(y_t)_v - softmax(z_t)_v).
+
+Why chosen log-probs often fall while the margin grows
+    This is expected, not a bug. (a) L sees the log-probs only through h, a difference of log-ratios:
+    log pi(y_w) and log pi(y_l) may both fall as long as log pi(y_l) falls faster. (b) Probability sums
+    to 1 over all sequences, not over the pair: mass taken from y_l (and y_w) moves to sequences outside
+    the pair, often ones no example shows. (c) y_w and y_l share the prompt, most tokens and every
+    parameter: pushing the rejected sequence down also pushes down the similar chosen one, and raising
+    log pi(y_w) through the softmax normaliser lowers every other token at that position (Razin et al.
+    2024 call the net effect likelihood displacement). (d) With summed log-probs, long responses have the
+    largest log-ratios and dominate the gradient. Watch rewards/margins and rewards/accuracies: they must
+    rise. If the chosen likelihood itself matters, add the NLL term (rpo_alpha > 0, RPO) or length-normalise.
+
+Conventions (where public implementations differ)
+    - Sequence log-probs are SUMS over response tokens and rewards are scaled by beta, as in the authors'
+      code (eric-mitchell `_get_batch_logps`, `preference_loss`); rasbt's notebook averages and reports
+      unscaled rewards. sequence_logps(average=True) gives the per-token average.
+    - The log-softmax runs in float32 whatever the dtype of the logits (model.token_logps).
+    - The margin is `h`, not `logits` as in eric-mitchell, to keep it apart from the model's logits.
+    - reference_free=True replaces pi_ref by a constant: log pi_ref(y|x) = 0 for every y (the authors'
+      "reference-free" option). Unlike their code, our rewards then are beta * log pi too, so that
+      rewards/margins and accuracies describe the loss actually optimised.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from data import collate_pairs, read_hh, read_jsonl_pairs, tokenize_pair
+from model import GPT, GPTConfig, InputError, Progress, token_logps
+
+LOSS_TYPES = ("dpo", "cdpo", "robust", "ipo", "hinge", "lndpo", "simpo")
+
+
+def sequence_logps(logits, labels, loss_mask, average=False):
+    """log pi(y|x): the sum (or mean) of the log-probs of the response tokens of each row.
+
+    Args:
+        logits: (N, T, V) model output for input ids `labels`, any float dtype.
+        labels: (N, T) int64 input ids. Ids at masked positions are ignored (they may be -100).
+        loss_mask: (N, T) bool aligned with labels, True on response tokens.
+        average: False sums over tokens (the paper; our default). True divides by the number of response
+            tokens: the length-normalised log-prob (lndpo, simpo, TRL's IPO).
+    Returns:
+        (N,) float32. A row without response tokens gets 0, with average=True as well (the count is
+        clamped to >= 1 rather than giving 0/0 = NaN); callers must not feed empty responses, and
+        data.py guarantees at least one response token.
+    """
+    mask = loss_mask[:, 1:]                                    # (N, T-1) mask_t
+    targets = labels[:, 1:].masked_fill(~mask, 0)              # (N, T-1) y_t; dummy id 0 where masked
+    logps = token_logps(logits[:, :-1], targets)               # (N, T-1) (7) logits[:, t-1] predict y_t
+    total = torch.where(mask, logps, 0.0).sum(-1)              # (N,)     (7) sum_t mask_t log softmax(z_t)[y_t]
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def sequence_logps_grad(logits, labels, loss_mask, dlogps, average=False):
+    """Closed-form gradient of sum_i dlogps_i * sequence_logps(logits, labels, loss_mask, average)_i
+    with respect to logits, step (7):
+
+        grad[:, t-1, v] = dlogps * mask_t * (onehot(labels_t)_v - softmax(logits_{t-1})_v)  (/ count if average)
+        grad[:, T-1, :] = 0          (the last position predicts no label)
+
+    Args:
+        logits: (N, T, V); labels, loss_mask: (N, T), as for sequence_logps.
+        dlogps: (N,) upstream gradient dL/dlog pi(y|x) per row, e.g. from preference_loss_grad.
+    Returns:
+        (N, T, V) float32, or float64 for float64 logits (so that the tests can check it to 1e-10).
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    mask = loss_mask[:, 1:]                                    # (N, T-1)
+    targets = labels[:, 1:].masked_fill(~mask, 0)              # (N, T-1)
+    scale = dlogps.to(dtype)                                   # (N,)
+    if average:
+        scale = scale / mask.sum(-1).clamp(min=1)
+    probs = torch.softmax(logits[:, :-1].to(dtype), dim=-1)    # (N, T-1, V)
+    onehot = F.one_hot(targets, logits.size(-1)).to(dtype)     # (N, T-1, V)
+    grad = (onehot - probs) * (mask * scale[:, None])[..., None]  # (N, T-1, V) (7)
+    return F.pad(grad, (0, 0, 0, 1))                           # (N, T, V)
+
+
+def _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+            beta, loss_type, label_smoothing, reference_free, gamma, chosen_lengths, rejected_lengths, rpo_alpha):
+    """Check the options shared by preference_loss and preference_loss_grad, and compute the margin.
+
+    Returns h (B,), chosen_rewards (B,), rejected_rewards (B,), and the factors dh/dlogp needs:
+    sc, sr (1/|y| for the length-normalised losses, else 1.0) and use_ref (False: log pi_ref := 0)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if label_smoothing and loss_type not in ("cdpo", "robust"):
+        raise ValueError(f"label_smoothing is used by loss_type 'cdpo' or 'robust', not {loss_type!r}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}: it is the probability "
+                         f"that a label is flipped, and 'robust' divides by 1 - 2 * label_smoothing")
+    if gamma and loss_type != "simpo":
+        raise ValueError(f"gamma is the target margin of loss_type 'simpo', not of {loss_type!r}")
+    if rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
+    normalise = loss_type in ("lndpo", "simpo")
+    if normalise and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(f"loss_type {loss_type!r} needs chosen_lengths and rejected_lengths (response tokens)")
+    dtype = policy_chosen_logps.dtype
+    sc = 1.0 / chosen_lengths.to(dtype) if normalise else 1.0          # (B,) or 1.0
+    sr = 1.0 / rejected_lengths.to(dtype) if normalise else 1.0        # (B,) or 1.0
+    use_ref = not (reference_free or loss_type == "simpo")
+    ref_c, ref_r = (reference_chosen_logps, reference_rejected_logps) if use_ref else (0.0, 0.0)
+    pi_logratios = sc * policy_chosen_logps - sr * policy_rejected_logps   # (B,)
+    ref_logratios = sc * ref_c - sr * ref_r                                # (B,) or 0.0
+    h = pi_logratios - ref_logratios                                       # (B,) (4)
+    chosen_rewards = (beta * sc * (policy_chosen_logps - ref_c)).detach()      # (B,) (3) rhat_w
+    rejected_rewards = (beta * sr * (policy_rejected_logps - ref_r)).detach()  # (B,) (3) rhat_l
+    return h, chosen_rewards, rejected_rewards, sc, sr, use_ref
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    beta=0.1, loss_type="dpo", label_smoothing=0.0, reference_free=False, gamma=0.0,
+                    chosen_lengths=None, rejected_lengths=None, rpo_alpha=0.0, policy_chosen_nll=None):
+    """Per-pair preference loss. With h = pi_logratios - ref_logratios, u = beta * h - gamma, eps = label_smoothing:
+
+        dpo     -log sigmoid(u)                                        Eq. 7 of arXiv:2305.18290
+        cdpo    -(1-eps) log sigmoid(u) - eps log sigmoid(-u)          conservative DPO, Eq. 3 of
+                    Mitchell 2023 (ericmitchell.ai/cdpo.pdf): the expected DPO loss when each label is
+                    flipped with probability eps. Its optimum is finite: sigmoid(u) = 1 - eps.
+        robust  (-(1-eps) log sigmoid(u) + eps log sigmoid(-u)) / (1 - 2 eps)
+                    provably robust DPO, Chowdhury et al. 2024 (arXiv:2403.00409): an unbiased estimate of
+                    the clean DPO loss under flips, (1-eps) robust(h) + eps robust(-h) = dpo(h). It differs
+                    from cdpo by the SIGN of the eps term (and the 1/(1-2 eps) factor); libraries that expose
+                    one `label_smoothing` for both are the origin of the confusion between them. eps < 0.5.
+        ipo     (h - 1/(2 beta))^2                                     Eq. 17 of Azar et al. 2023
+                    (arXiv:2310.12036). IPO takes whatever log-probs it is given. We pass SUMMED log-probs,
+                    as the authors' DPO code does, because the IPO paper defines h on sequence
+                    log-likelihood ratios; TRL divides by the response length: pass
+                    sequence_logps(average=True) to get that variant.
+        hinge   relu(1 - u)                                            SLiC-HF, Zhao et al. 2023
+                    (arXiv:2305.10425), with the reference log-ratio as in TRL; margin 1/beta on h.
+        lndpo   dpo on length-normalised log-probs: policy AND reference logps divided by chosen_lengths /
+                    rejected_lengths (required).
+        simpo   -log sigmoid(beta (pi_w/|y_w| - pi_l/|y_l|) - gamma)    SimPO, Meng et al. 2024
+                    (arXiv:2405.14734): reference-free, length-normalised (lengths required). The paper uses
+                    beta around 2.0-2.5 and gamma around 0.5-1.5, not this function's defaults.
+
+    reference_free=True (any type): log pi_ref := 0, so ref_logratios = 0, as the authors' reference-free DPO.
+    RPO (Pang et al. 2024, arXiv:2404.19733): rpo_alpha > 0 adds rpo_alpha * policy_chosen_nll to the loss of
+    any type. policy_chosen_nll defaults to the per-token mean NLL of the chosen response,
+    -policy_chosen_logps / chosen_lengths (or -policy_chosen_logps when no lengths are given). The paper
+    uses a length-normalised NLL of the winning sequence, and its weight 1 is TRL's recommended rpo_alpha;
+    TRL adds one scalar per batch instead: the cross-entropy averaged over all chosen tokens of the batch. Pass your own
+    policy_chosen_nll (B,) for another variant (preference_loss_grad then treats it as a separate input).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) log pi(y_w|x), log pi(y_l|x) from sequence_logps.
+        reference_chosen_logps, reference_rejected_logps: (B,) the same under pi_ref (no grad).
+        beta: > 0. chosen_lengths, rejected_lengths: (B,) response token counts (>= 1), int or float.
+    Returns:
+        losses (B,), chosen_rewards (B,), rejected_rewards (B,). Rewards are detached: beta * (policy -
+        reference) log-probs, length-normalised for lndpo/simpo, with log pi_ref = 0 when reference-free.
+    """
+    h, chosen_rewards, rejected_rewards, _, _, _ = _margin(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
+        loss_type, label_smoothing, reference_free, gamma, chosen_lengths, rejected_lengths, rpo_alpha)
+    eps, u = label_smoothing, beta * h - gamma                                  # (B,)
+    if loss_type in ("dpo", "lndpo", "simpo"):
+        losses = -F.logsigmoid(u)                                               # (5) Eq. 7
+    elif loss_type == "cdpo":
+        losses = -(1 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1 - 2 * eps)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:  # hinge
+        losses = torch.relu(1 - u)
+    if rpo_alpha > 0:
+        if policy_chosen_nll is None:
+            n = chosen_lengths if chosen_lengths is not None else 1.0
+            policy_chosen_nll = -policy_chosen_logps / n                        # (B,) per-token mean NLL
+        losses = losses + rpo_alpha * policy_chosen_nll
+    return losses, chosen_rewards, rejected_rewards
+
+
+def preference_loss_grad(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                         beta=0.1, loss_type="dpo", label_smoothing=0.0, reference_free=False, gamma=0.0,
+                         chosen_lengths=None, rejected_lengths=None, rpo_alpha=0.0, policy_chosen_nll=None):
+    """Closed-form gradient of preference_loss(...)[0].mean(), written from the derivation (no autograd).
+
+    Same arguments as preference_loss. Per pair, with u = beta * h - gamma and s = sigmoid:
+        dpo, lndpo, simpo  dl/dh = -beta * s(-u)                      (6): beta * sigmoid(rhat_l - rhat_w)
+        cdpo               dl/dh = beta * (-(1-eps) s(-u) + eps s(u))
+        robust             dl/dh = beta * (-(1-eps) s(-u) - eps s(u)) / (1 - 2 eps)
+        ipo                dl/dh = 2 * (h - 1/(2 beta))
+        hinge              dl/dh = -beta * [u < 1]
+    then the mean over B pairs and dh/dlogp: h = sc*(pi_w - ref_w) - sr*(pi_l - ref_l), sc = 1/|y_w| for
+    lndpo/simpo else 1 (same for sr), and ref terms 0 when reference-free or simpo. RPO adds
+    rpo_alpha/B * d nll/d pi_w = -rpo_alpha/(B |y_w|) (or -rpo_alpha/B without lengths) to the first output;
+    an explicit policy_chosen_nll is a separate input and adds nothing here.
+
+    Returns:
+        (d_policy_chosen, d_policy_rejected, d_reference_chosen, d_reference_rejected), each (B,).
+    """
+    h, _, _, sc, sr, use_ref = _margin(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
+        loss_type, label_smoothing, reference_free, gamma, chosen_lengths, rejected_lengths, rpo_alpha)
+    eps, u, s, B = label_smoothing, beta * h - gamma, torch.sigmoid, h.shape[0]
+    if loss_type in ("dpo", "lndpo", "simpo"):
+        dl_dh = -beta * s(-u)                                                   # (6)
+    elif loss_type == "cdpo":
+        dl_dh = beta * (-(1 - eps) * s(-u) + eps * s(u))
+    elif loss_type == "robust":
+        dl_dh = beta * (-(1 - eps) * s(-u) - eps * s(u)) / (1 - 2 * eps)
+    elif loss_type == "ipo":
+        dl_dh = 2 * (h - 1 / (2 * beta))
+    else:  # hinge; at u == 1 exactly we take 0, as autograd's relu does
+        dl_dh = -beta * (u < 1).to(h.dtype)
+    g = dl_dh / B                                                               # (B,) d mean / dh_i
+    d_policy_chosen, d_policy_rejected = g * sc, -g * sr                        # (6) +w, -l
+    zero = torch.zeros_like(g)
+    d_reference_chosen, d_reference_rejected = (-g * sc, g * sr) if use_ref else (zero, zero)
+    if rpo_alpha > 0 and policy_chosen_nll is None:
+        n = chosen_lengths.to(g.dtype) if chosen_lengths is not None else 1.0
+        d_policy_chosen = d_policy_chosen - rpo_alpha / (B * n)
+    return d_policy_chosen, d_policy_rejected, d_reference_chosen, d_reference_rejected
+
+
+def implicit_reward_weight(chosen_rewards, rejected_rewards):
+    """sigmoid(rhat_l - rhat_w), (B,): the weight of each pair in the DPO gradient, step (6).
+
+    Near 1 for a pair the implicit reward misranks, near 0 for one it already ranks right by a wide margin.
+    For dpo, lndpo and reference-free dpo, d losses.mean() / d policy_chosen_logps = -(beta/B) * sc * weight.
+
+    Args:
+        chosen_rewards, rejected_rewards: (B,) as returned by preference_loss.
+    """
+    return torch.sigmoid(rejected_rewards - chosen_rewards)                    # (B,) (6)
+
+
+# ---- training ----
+#
+# The trainer: `python dpo.py --task hh --data FILE --model gpt2 ...`. Everything with a side effect is in
+# train() and main(); the pieces below it (batch_logps, the reference pass) are what the tests check.
+
+def field(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    task: str = field("jsonl", "jsonl (--data FILE with prompt/chosen/rejected), hh (Anthropic HH file or "
+                      "subset/split name) or imdb (the paper's sentiment experiment, end to end)")
+    data: str = field(None, "training pairs: a JSONL file, an HH .jsonl(.gz) file or name such as harmless-base/train")
+    eval_data: str = field(None, "held-out pairs (same format); default: --n-eval pairs split off --data")
+    n_eval: int = field(256, "held-out pairs split off --data when --eval-data is not given")
+    model: str = field("gpt2", "policy: hub name, local folder (HF layout or our checkpoint), or random:L,H,C "
+                       "for a random-initialised GPT with L layers, H heads, C channels")
+    ref: str = field(None, "reference model (same forms); default: a frozen copy of the initial policy")
+    out: str = field("runs/dpo", "output folder: metrics.jsonl, curves.png, checkpoint/")
+    loss_type: str = field("dpo", f"one of {', '.join(LOSS_TYPES)}")
+    beta: float = field(0.1, "beta: strength of the KL constraint (paper: 0.1)")
+    label_smoothing: float = field(0.0, "eps of cdpo/robust: assumed probability that a label is flipped")
+    reference_free: bool = field(False, "log pi_ref := 0 (reference-free DPO)")
+    gamma: float = field(0.0, "SimPO's target margin")
+    rpo_alpha: float = field(0.0, "weight of the NLL term on the chosen response (RPO); 0 = off")
+    average_logps: bool = field(False, "length-average sequence log-probs instead of summing (paper: sum)")
+    optimizer: str = field("rmsprop", "rmsprop (paper) or adamw")
+    lr: float = field(1e-6, "peak learning rate (paper: 1e-6)")
+    warmup_steps: int = field(150, "linear warm-up steps (paper: 150)")
+    batch_size: int = field(64, "pairs per optimiser step (paper: 64)")
+    micro_batch_size: int = field(8, "pairs per forward/backward; gradients accumulate over batch/micro")
+    max_length: int = field(512, "longest prompt+response in tokens")
+    max_prompt_length: int = field(256, "prompts longer than this keep their end (when the pair is too long)")
+    max_grad_norm: float = field(10.0, "gradient-norm clipping (the authors' code: 10)")
+    steps: int = field(0, "optimiser steps; 0 = --epochs passes over the data")
+    epochs: int = field(1, "passes over the training pairs when --steps is 0")
+    eval_every: int = field(100, "evaluate on held-out pairs every N steps (and at the end)")
+    save_every: int = field(500, "write the checkpoint every N steps (and at the end)")
+    keep_checkpoints: bool = field(False, "also keep a copy of every saved checkpoint as step-N/")
+    precompute_ref: bool = field(False, "one pass computes all reference log-probs, then the reference model is freed")
+    resume: bool = field(False, "continue from OUT/checkpoint exactly where it stopped")
+    overwrite: bool = field(False, "start afresh even if OUT holds a run")
+    stop_after: int = field(0, "exit after N steps of this invocation (for time-boxed jobs and resume tests)")
+    device: str = field("auto", "cuda, mps or cpu (auto: the first available)")
+    dtype: str = field("auto", "bfloat16 autocast or float32 (auto: bfloat16 on cuda, float32 otherwise)")
+    seed: int = field(0, "seeds the initialisation, the data order and the held-out split")
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+
+
+def autocast(device, dtype):
+    """bf16/fp16 autocast on a GPU; plain float32 elsewhere (one code path, the dtype is an argument)."""
+    if dtype == "float32" or device == "cpu":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def load_model(spec, device, seed=0):
+    """A hub name, a folder, or random:L,H,C (random weights, seeded)."""
+    if spec.startswith("random:"):
+        try:
+            n_layer, n_head, n_embd = (int(v) for v in spec[len("random:"):].split(","))
+        except ValueError:
+            raise InputError(f"--model {spec}: write random:LAYERS,HEADS,CHANNELS, e.g. random:2,2,64") from None
+        torch.manual_seed(seed)
+        return GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).to(device)
+    return GPT.from_pretrained(spec, device=device)
+
+
+def batch_logps(model, batch, average=False):
+    """One concatenated forward of the 2B rows (chosen then rejected): log pi(y|x) per row, (2B,).
+    The head runs on response positions only (GPT.logps); equal to sequence_logps(model(ids), ids, mask)."""
+    token = model.logps(batch["input_ids"], batch["loss_mask"])  # (2B, T)
+    logps = token.sum(-1)  # (2B,)
+    return logps / batch["loss_mask"].sum(-1).clamp(min=1) if average else logps
+
+
+@torch.no_grad()
+def reference_logps(reference, items, micro_batch_size, device, dtype="float32", average=False):
+    """Reference log-probs of every pair, (P, 2) [chosen, rejected]: one pass, so that a training run
+    (or every run of a beta sweep) needs no reference model in memory."""
+    reference.eval()
+    out = []
+    bar = Progress(len(items), label="reference log-probs", unit="pairs")
+    for i in range(0, len(items), micro_batch_size):
+        chunk = items[i:i + micro_batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk).items()}
+        with autocast(device, dtype):
+            lp = batch_logps(reference, batch, average).float()  # (2B,)
+        out.append(torch.stack(lp.chunk(2), dim=1).cpu())  # (B, 2)
+        bar.update(len(chunk))
+    bar.close()
+    return torch.cat(out)
+
+
+def load_pairs(cfg):
+    """(train pairs, held-out pairs) as lists of {"prompt","chosen","rejected"} from the task's source."""
+    if cfg.task == "hh":
+        read = read_hh
+        data = cfg.data or "harmless-base/train"
+        eval_data = cfg.eval_data or (None if cfg.data else "harmless-base/test")
+    elif cfg.task in ("jsonl", "imdb"):
+        if not cfg.data:
+            raise InputError(f"--task {cfg.task} needs --data FILE.jsonl with prompt, chosen and rejected on each line")
+        read, data, eval_data = read_jsonl_pairs, cfg.data, cfg.eval_data
+    else:
+        raise InputError(f"--task {cfg.task}: unknown task; use jsonl, hh or imdb")
+    pairs = read(data)
+    if eval_data:
+        return pairs, read(eval_data)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_eval = min(cfg.n_eval, len(pairs) // 10)
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+
+def tokenize_all(pairs, cfg, what):
+    items = [tokenize_pair(p["prompt"], p["chosen"], p["rejected"], cfg.max_length, cfg.max_prompt_length)
+             for p in pairs]
+    cut = sum(it["truncated"] for it in items)
+    if cut:
+        print(f"{what}: {cut} of {len(items)} pairs truncated to max_length {cfg.max_length} "
+              f"(prompts to {cfg.max_prompt_length}, keeping their end)")
+    return items
+
+
+def loss_from_logps(cfg, policy_logps, ref_logps, batch):
+    """Per-pair losses and rewards from the (2B,) policy and (B, 2) reference log-probs of a batch."""
+    pc, pr = policy_logps.chunk(2)  # (B,), (B,)
+    lengths = batch["response_lens"].float()
+    lc, lr = lengths.chunk(2)
+    return preference_loss(pc, pr, ref_logps[:, 0], ref_logps[:, 1], beta=cfg.beta, loss_type=cfg.loss_type,
+                           label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free,
+                           gamma=cfg.gamma, chosen_lengths=lc, rejected_lengths=lr, rpo_alpha=cfg.rpo_alpha)
+
+
+def check_config(cfg):
+    if cfg.beta <= 0:
+        raise InputError(f"--beta {cfg.beta}: beta must be > 0 (it scales the KL penalty; paper: 0.1)")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise InputError(f"--loss-type {cfg.loss_type}: use one of {', '.join(LOSS_TYPES)}")
+    if cfg.batch_size % cfg.micro_batch_size:
+        raise InputError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size "
+                         f"{cfg.micro_batch_size}; choose a divisor")
+    if cfg.optimizer not in ("rmsprop", "adamw"):
+        raise InputError(f"--optimizer {cfg.optimizer}: use rmsprop or adamw")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise InputError(f"--max-prompt-length {cfg.max_prompt_length} must be below --max-length {cfg.max_length}")
+
+
+def evaluate_pairs(cfg, policy, items, ref_lp, device, dtype):
+    """Held-out loss, implicit-reward accuracy and margin."""
+    policy.eval()
+    losses, acc, margins = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(items), cfg.micro_batch_size):
+            batch = {k: v.to(device) for k, v in collate_pairs(items[i:i + cfg.micro_batch_size]).items()}
+            with autocast(device, dtype):
+                lp = batch_logps(policy, batch, cfg.average_logps).float()
+            loss, cr, rr = loss_from_logps(cfg, lp, ref_lp[i:i + cfg.micro_batch_size].to(device), batch)
+            losses.append(loss)
+            acc.append((cr > rr).float())
+            margins.append(cr - rr)
+    policy.train()
+    cat = lambda xs: torch.cat(xs).mean().item()
+    return {"eval/loss": cat(losses), "eval/accuracy": cat(acc), "eval/margin": cat(margins)}
+
+
+def save_checkpoint(folder, policy, state):
+    """Model (HF layout) + train_state.pt in one folder, swapped in atomically: a kill at any moment
+    leaves either the previous checkpoint or this one, never a mixture."""
+    tmp = folder.rstrip("/") + ".writing"
+    policy.save_pretrained(tmp)  # itself atomic: tmp appears complete or not at all
+    torch.save(state, os.path.join(tmp, "train_state.pt.tmp"))
+    os.replace(os.path.join(tmp, "train_state.pt.tmp"), os.path.join(tmp, "train_state.pt"))
+    old = folder.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, log=print):
+    """Trains a policy with a preference loss. Returns (policy, list of per-step metric dicts).
+
+    train_pairs/eval_pairs (lists of {"prompt","chosen","rejected"}) override cfg.data; ref_lp
+    ({"train": (P, 2), "eval": (Q, 2)} tensors) supplies precomputed reference log-probs, so every run of
+    a beta sweep reuses one reference pass."""
+    check_config(cfg)
+    device, dtype = pick_device(cfg.device), cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    ckpt = os.path.join(cfg.out, "checkpoint")
+    if os.path.exists(ckpt) and not (cfg.resume or cfg.overwrite):
+        raise InputError(f"{cfg.out} already holds a run; pass --resume to continue it, --overwrite to replace "
+                         f"it, or choose another --out")
+    if cfg.resume and not os.path.exists(os.path.join(ckpt, "train_state.pt")):
+        raise InputError(f"--resume: {ckpt} holds no checkpoint to resume from; drop --resume to start afresh")
+    os.makedirs(cfg.out, exist_ok=True)
+    if not os.access(cfg.out, os.W_OK):
+        raise InputError(f"{cfg.out}: output folder is not writable; choose another --out")
+    torch.manual_seed(cfg.seed)
+
+    if train_pairs is None:
+        train_pairs, eval_pairs = load_pairs(cfg)
+    train_items = tokenize_all(train_pairs, cfg, "train")
+    eval_items = tokenize_all(eval_pairs or [], cfg, "eval")
+    if len(train_items) < cfg.batch_size:
+        raise InputError(f"only {len(train_items)} training pairs, fewer than --batch-size {cfg.batch_size}; "
+                         f"lower --batch-size or add data")
+
+    policy = load_model(cfg.resume and ckpt or cfg.model, device, cfg.seed)
+    if reference is None and ref_lp is None:
+        if cfg.ref:
+            reference = load_model(cfg.ref, device, cfg.seed)
+        elif cfg.resume:
+            reference = load_model(cfg.model, device, cfg.seed)
+        else:
+            reference = copy.deepcopy(policy)
+    if reference is not None:
+        reference.eval().requires_grad_(False)  # frozen: never trained, never in the optimiser
+    policy.train()
+    if ref_lp is None and cfg.precompute_ref:
+        ref_lp = {"train": reference_logps(reference, train_items, cfg.micro_batch_size, device, dtype, cfg.average_logps),
+                  "eval": reference_logps(reference, eval_items, cfg.micro_batch_size, device, dtype, cfg.average_logps)}
+        reference = None  # freed: training holds only the policy
+
+    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
+    optimizer = opt_cls(policy.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    steps_per_epoch = len(train_items) // cfg.batch_size
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    step = 0
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if cfg.resume:
+        state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        if os.path.exists(metrics_path):  # drop lines logged after the checkpoint
+            lines = [ln for ln in open(metrics_path) if json.loads(ln)["step"] <= step]
+            with open(metrics_path, "w") as f:
+                f.writelines(lines)
+        log(f"resumed from {ckpt} at step {step}")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    log(f"{len(train_items)} train pairs, {len(eval_items)} held-out | {total_steps} steps of {cfg.batch_size} "
+        f"pairs | {policy.num_params() / 1e6:.1f}M parameters | {device} {dtype}")
+
+    history, run_start = [], step
+    while step < total_steps:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist()  # the data position is the step
+        t0, n_tokens, sums = time.time(), 0, {}
+        for m in range(0, cfg.batch_size, cfg.micro_batch_size):
+            mb = idx[m:m + cfg.micro_batch_size]
+            batch = {k_: v.to(device) for k_, v in collate_pairs([train_items[i] for i in mb]).items()}
+            with autocast(device, dtype):
+                policy_logps = batch_logps(policy, batch, cfg.average_logps).float()  # (2B,) one forward
+            if ref_lp is not None:
+                ref = ref_lp["train"][mb].to(device)  # (B, 2)
+            else:
+                with torch.no_grad(), autocast(device, dtype):
+                    ref = torch.stack(batch_logps(reference, batch, cfg.average_logps).float().chunk(2), 1)
+            losses, cr, rr = loss_from_logps(cfg, policy_logps, ref, batch)
+            (losses.sum() / cfg.batch_size).backward()  # accumulating sums / batch = the full-batch mean
+            pc, pr = policy_logps.detach().chunk(2)
+            for key, v in {"loss": losses.detach(), "rewards/chosen": cr, "rewards/rejected": rr,
+                           "rewards/accuracies": (cr > rr).float(), "rewards/margins": cr - rr,
+                           "logps/chosen": pc, "logps/rejected": pr}.items():
+                sums[key] = sums.get(key, 0.0) + v.sum().item()
+            n_tokens += int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+            raise TrainingError(f"non-finite {'loss' if not math.isfinite(sums['loss']) else 'gradient norm'} at "
+                                f"step {step + 1} (pairs {idx[:4]}...); weights not updated, last good checkpoint "
+                                f"in {ckpt}; try a lower --lr, float32, or check those pairs")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.time() - t0
+        row = {"step": step, **{k_: v / cfg.batch_size for k_, v in sums.items()}, "grad_norm": grad_norm,
+               "lr": lr, "tokens_per_s": n_tokens / dt}
+        if eval_items and (step % cfg.eval_every == 0 or step == total_steps):
+            row.update(evaluate_pairs(cfg, policy, eval_items,
+                                      ref_lp["eval"] if ref_lp is not None else
+                                      reference_logps(reference, eval_items, cfg.micro_batch_size, device, dtype,
+                                                      cfg.average_logps), device, dtype))
+        history.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"step {step}/{total_steps} | loss {row['loss']:.4f} | acc {row['rewards/accuracies']:.2f} | margin "
+            f"{row['rewards/margins']:.3f} | chosen {row['rewards/chosen']:.3f} | rejected {row['rewards/rejected']:.3f}"
+            f" | grad {grad_norm:.2f} | lr {lr:.2e} | {row['tokens_per_s']:.0f} tok/s | {dt * 1000:.0f} ms"
+            + (f" | eval loss {row['eval/loss']:.4f} acc {row['eval/accuracy']:.2f}" if "eval/loss" in row else ""))
+        if step % cfg.save_every == 0 or step == total_steps or step - run_start == cfg.stop_after:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)}
+            save_checkpoint(ckpt, policy, state)
+            if cfg.keep_checkpoints:
+                save_checkpoint(os.path.join(cfg.out, f"step-{step}"), policy, state)
+        if step - run_start == cfg.stop_after:
+            log(f"stopping after {cfg.stop_after} steps (--stop-after); continue with --resume")
+            break
+    return policy, history
+
+
+class TrainingError(RuntimeError):
+    """A numerical fault during training (non-finite loss or gradient): one line, run stops cleanly."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, type=typ, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    try:
+        if cfg.task == "imdb" and not cfg.data:
+            raise InputError("--task imdb needs --data PAIRS.jsonl until the IMDb pipeline lands")
+        _, history = train(cfg)
+    except (InputError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        from eval import plot_training_curves
+        plot_training_curves(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "curves.png"))
+    except ImportError:
+        pass
+    last = history[-1] if history else {}
+    print("done: " + " | ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith(("loss", "rewards/acc", "eval/"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
