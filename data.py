@@ -69,7 +69,7 @@ def imdb_path(path=None):
     dest = os.path.join(cache_dir(), "aclImdb_v1.tar.gz")
     try:
         return download(IMDB_URL, dest, what="IMDb")
-    except InputError as e:  # offline: keep download's reason and destination, add the alternative
+    except (InputError, FileNotFoundError) as e:  # offline or HTTP 404: keep download's reason, add the alternative
         raise InputError(f"{e}, or set DPO_IMDB to the archive or its extracted aclImdb/ folder") from None
 
 
@@ -122,10 +122,16 @@ def _imdb_files(path):
                             yield name, f.read()
     elif os.path.isfile(path):
         try:
-            with tarfile.open(path, "r|*") as tar:  # "|": one sequential pass over the gzip stream
-                for member in tar:
+            with open(path, "rb") as f:
+                gz = f.read(2) == b"\x1f\x8b"
+            # gzip.open, not tarfile's "r|gz": tarfile stops silently at a header cut short, and only gzip checks
+            # the stream's end (length and CRC), so a truncated archive is an error, not fewer reviews
+            with (gzip.open if gz else open)(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+                for member in tar:  # "|": one sequential pass over the stream
                     if member.isfile() and _REVIEW.search(member.name):
                         yield member.name, tar.extractfile(member).read()
+                while raw.read(1 << 20):  # on to the end of the gzip stream, where it is checked
+                    pass
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             raise InputError(f"{path}: not a readable .tar.gz archive ({e}); it may be truncated or corrupt: delete "
                              f"it and download {IMDB_URL} again, or pass the extracted aclImdb/ folder") from None
@@ -208,7 +214,7 @@ def _hh_path(source):
     url = HH_URL.format(subset=subset, split=split)
     try:
         return download(url, dest, what=f"hh-rlhf {source}")
-    except InputError as e:
+    except (InputError, FileNotFoundError) as e:
         raise InputError(f"{e}, or set DPO_HH to a folder holding {subset}/{split}.jsonl.gz") from None
 
 

@@ -319,6 +319,8 @@ class TrainConfig:
     max_length: int = field(512, "longest prompt+response in tokens")
     max_prompt_length: int = field(256, "prompts longer than this keep their end (when the pair is too long)")
     max_grad_norm: float = field(10.0, "gradient-norm clipping (the authors' code: 10)")
+    skip_nonfinite: bool = field(False, "skip (and count) a batch whose loss or gradient is NaN/inf instead of "
+                                 "stopping the run; the weights are never updated from it")
     steps: int = field(0, "optimiser steps; 0 = --epochs passes over the data")
     epochs: int = field(1, "passes over the training pairs when --steps is 0")
     eval_every: int = field(100, "evaluate on held-out pairs every N steps (and at the end)")
@@ -355,6 +357,9 @@ def load_model(spec, device, seed=0):
             n_layer, n_head, n_embd = (int(v) for v in spec[len("random:"):].split(","))
         except ValueError:
             raise InputError(f"--model {spec}: write random:LAYERS,HEADS,CHANNELS, e.g. random:2,2,64") from None
+        if min(n_layer, n_head, n_embd) < 1 or n_embd % n_head:
+            raise InputError(f"--model {spec}: layers, heads and channels must be >= 1 and the channels a multiple "
+                             f"of the heads, e.g. random:2,2,64")
         torch.manual_seed(seed)
         return GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).to(device)
     return GPT.from_pretrained(spec, device=device)
@@ -427,17 +432,43 @@ def loss_from_logps(cfg, policy_logps, ref_logps, batch):
 
 
 def check_config(cfg):
-    if cfg.beta <= 0:
+    """Every flag checked before anything is loaded or written: a wrong one costs seconds, not a run."""
+    if not cfg.beta > 0:  # also catches nan
         raise InputError(f"--beta {cfg.beta}: beta must be > 0 (it scales the KL penalty; paper: 0.1)")
     if cfg.loss_type not in LOSS_TYPES:
         raise InputError(f"--loss-type {cfg.loss_type}: use one of {', '.join(LOSS_TYPES)}")
+    one = torch.ones(1)
+    try:  # the loss's own checks (label_smoothing, gamma, rpo_alpha), worded with the flags
+        _margin(one, one, one, one, cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.reference_free, cfg.gamma,
+                one, one, cfg.rpo_alpha)
+    except ValueError as e:
+        msg = str(e)
+        for name in ("label_smoothing", "loss_type", "rpo_alpha", "gamma"):
+            msg = msg.replace(name, "--" + name.replace("_", "-"))
+        raise InputError(msg) from None
+    for name in ("batch_size", "micro_batch_size", "save_every", "eval_every", "max_prompt_length"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.steps < 0 or (cfg.steps == 0 and cfg.epochs < 1):
+        raise InputError(f"--steps {cfg.steps} --epochs {cfg.epochs}: give --steps >= 1, "
+                         f"or --steps 0 and --epochs >= 1")
     if cfg.batch_size % cfg.micro_batch_size:
         raise InputError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size "
                          f"{cfg.micro_batch_size}; choose a divisor")
     if cfg.optimizer not in ("rmsprop", "adamw"):
         raise InputError(f"--optimizer {cfg.optimizer}: use rmsprop or adamw")
+    if not 0 < cfg.lr < math.inf:
+        raise InputError(f"--lr {cfg.lr}: the learning rate must be a positive number (paper: 1e-6)")
     if cfg.max_prompt_length >= cfg.max_length:
         raise InputError(f"--max-prompt-length {cfg.max_prompt_length} must be below --max-length {cfg.max_length}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise InputError(f"--dtype {cfg.dtype}: use auto, float32, bfloat16 or float16")
+    kind = cfg.device.split(":")[0]
+    if kind not in ("auto", "cpu", "cuda", "mps"):
+        raise InputError(f"--device {cfg.device}: use auto, cpu, cuda (or cuda:N) or mps")
+    mps = getattr(torch.backends, "mps", None)
+    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not (mps and mps.is_available()):
+        raise InputError(f"--device {cfg.device}: this machine has no such device; use --device cpu (or auto)")
 
 
 def evaluate_pairs(cfg, policy, items, ref_lp, device, dtype):
@@ -473,25 +504,55 @@ def save_checkpoint(folder, policy, state):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_checkpoint(folder):
+    """A kill between save_checkpoint's last two renames leaves no `folder`: the previous checkpoint is
+    `.old` and the new one `.writing`, complete (it holds train_state.pt, written last). Put the new one in place."""
+    new = folder.rstrip("/") + ".writing"
+    if not os.path.exists(folder) and os.path.exists(os.path.join(new, "train_state.pt")):
+        os.replace(new, folder)
+
+
 def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, log=print):
     """Trains a policy with a preference loss. Returns (policy, list of per-step metric dicts).
 
     train_pairs/eval_pairs (lists of {"prompt","chosen","rejected"}) override cfg.data; ref_lp
     ({"train": (P, 2), "eval": (Q, 2)} tensors) supplies precomputed reference log-probs, so every run of
-    a beta sweep reuses one reference pass."""
+    a beta sweep reuses one reference pass.
+
+    Faults: bad input raises InputError before anything is trained; a non-finite loss or gradient raises
+    TrainingError naming the step and the pairs, before the weights change (cfg.skip_nonfinite: the batch
+    is skipped and counted instead); weights are checked finite before every save."""
     check_config(cfg)
     device, dtype = pick_device(cfg.device), cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     ckpt = os.path.join(cfg.out, "checkpoint")
+    recover_checkpoint(ckpt)
     if os.path.exists(ckpt) and not (cfg.resume or cfg.overwrite):
         raise InputError(f"{cfg.out} already holds a run; pass --resume to continue it, --overwrite to replace "
                          f"it, or choose another --out")
     if cfg.resume and not os.path.exists(os.path.join(ckpt, "train_state.pt")):
         raise InputError(f"--resume: {ckpt} holds no checkpoint to resume from; drop --resume to start afresh")
-    os.makedirs(cfg.out, exist_ok=True)
-    if not os.access(cfg.out, os.W_OK):
-        raise InputError(f"{cfg.out}: output folder is not writable; choose another --out")
+    if cfg.resume:
+        try:
+            state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
+        except Exception as e:  # torch raises RuntimeError, EOFError or pickle errors on a damaged file
+            raise InputError(f"{ckpt}/train_state.pt: cannot read it ({str(e).splitlines()[0][:80]}); the file is "
+                             f"damaged: restore it, or start afresh with --overwrite") from None
+        saved = state.get("config", {})
+        changed = [k for k in ("model", "ref", "optimizer", "batch_size", "seed")  # a change breaks exact resume
+                   if saved.get(k, getattr(cfg, k)) != getattr(cfg, k)]
+        if changed:
+            was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
+            raise InputError(f"--resume: {ckpt} was trained with {was}; pass the same values to continue it exactly, "
+                             f"or choose another --out")
+    try:  # unwritable, or under a file: found now, not at the first checkpoint
+        os.makedirs(cfg.out, exist_ok=True)
+        open(os.path.join(cfg.out, ".write-test"), "w").close()
+        os.remove(os.path.join(cfg.out, ".write-test"))
+    except OSError as e:
+        raise InputError(f"--out {cfg.out}: cannot write there ({e.strerror}: {e.filename}); "
+                         f"choose another --out") from None
     torch.manual_seed(cfg.seed)
 
     if train_pairs is None:
@@ -512,6 +573,21 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
             reference = copy.deepcopy(policy)
     if reference is not None:
         reference.eval().requires_grad_(False)  # frozen: never trained, never in the optimiser
+    longest = max(len(it["prompt_ids"]) + max(len(it["chosen_ids"]), len(it["rejected_ids"]))
+                  for it in train_items + eval_items)
+    for spec, m in ((cfg.resume and ckpt or cfg.model, policy), (cfg.ref or "the reference model", reference)):
+        if m is not None and m.config.vocab_size < 50257:  # the data is GPT-2 BPE, EOS = 50256
+            raise InputError(f"{spec}: a vocabulary of {m.config.vocab_size} tokens, but the data is tokenised with "
+                             f"GPT-2's 50257; pass a model that uses the GPT-2 tokenizer")
+        if m is not None and m.config.block_size < longest:
+            raise InputError(f"{spec}: {m.config.block_size} positions, but the longest pair has {longest} tokens; "
+                             f"lower --max-length to {m.config.block_size}")
+    per_ckpt = policy.num_params() * 4 * (3 if cfg.optimizer == "adamw" else 2)  # float32 weights + optimiser state
+    need = per_ckpt * (1 if os.path.exists(ckpt) else 2)  # the previous and the new checkpoint, while saving
+    free = shutil.disk_usage(cfg.out).free
+    if free < need:
+        raise InputError(f"--out {cfg.out}: {free / 1e9:.2f} GB free, but checkpoints need about {need / 1e9:.2f} GB "
+                         f"(the previous and the new one while saving); free some space or choose another --out")
     policy.train()
     if ref_lp is None and cfg.precompute_ref:
         ref_lp = {"train": reference_logps(reference, train_items, cfg.micro_batch_size, device, dtype, cfg.average_logps),
@@ -523,18 +599,19 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     steps_per_epoch = len(train_items) // cfg.batch_size
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-    step = 0
+    step, skipped, saved_step = 0, 0, None
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if cfg.resume:
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        step = state["step"]
-        if os.path.exists(metrics_path):  # drop lines logged after the checkpoint
-            lines = [ln for ln in open(metrics_path) if json.loads(ln)["step"] <= step]
-            with open(metrics_path, "w") as f:
+        step = saved_step = state["step"]
+        skipped = state.get("skipped", 0)
+        if os.path.exists(metrics_path):  # drop lines logged after the checkpoint (and one a kill cut short)
+            lines = [ln for ln in open(metrics_path) if ln.endswith("\n") and json.loads(ln)["step"] <= step]
+            with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(lines)
+            os.replace(metrics_path + ".tmp", metrics_path)
         log(f"resumed from {ckpt} at step {step}")
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
@@ -546,7 +623,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
         epoch, k = divmod(step, steps_per_epoch)
         order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist()  # the data position is the step
-        t0, n_tokens, sums = time.time(), 0, {}
+        t0, n_tokens, sums, fault = time.time(), 0, {}, None
         for m in range(0, cfg.batch_size, cfg.micro_batch_size):
             mb = idx[m:m + cfg.micro_batch_size]
             batch = {k_: v.to(device) for k_, v in collate_pairs([train_items[i] for i in mb]).items()}
@@ -558,6 +635,11 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
                 with torch.no_grad(), autocast(device, dtype):
                     ref = torch.stack(batch_logps(reference, batch, cfg.average_logps).float().chunk(2), 1)
             losses, cr, rr = loss_from_logps(cfg, policy_logps, ref, batch)
+            if not torch.isfinite(losses).all():
+                bad = [i for i, ok in zip(mb, torch.isfinite(losses).tolist()) if not ok]
+                fault = (f"non-finite loss in micro-batch {m // cfg.micro_batch_size + 1} (training pairs {bad[:8]}, "
+                         f"the first with prompt {train_pairs[bad[0]]['prompt'][:40]!r})")
+                break
             (losses.sum() / cfg.batch_size).backward()  # accumulating sums / batch = the full-batch mean
             pc, pr = policy_logps.detach().chunk(2)
             for key, v in {"loss": losses.detach(), "rewards/chosen": cr, "rewards/rejected": rr,
@@ -565,40 +647,60 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
                            "logps/chosen": pc, "logps/rejected": pr}.items():
                 sums[key] = sums.get(key, 0.0) + v.sum().item()
             n_tokens += int(batch["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
-        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
-            raise TrainingError(f"non-finite {'loss' if not math.isfinite(sums['loss']) else 'gradient norm'} at "
-                                f"step {step + 1} (pairs {idx[:4]}...); weights not updated, last good checkpoint "
-                                f"in {ckpt}; try a lower --lr, float32, or check those pairs")
+        grad_norm = math.nan if fault else torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+        if not fault and not math.isfinite(grad_norm):
+            fault = f"non-finite gradient norm (training pairs {idx[:8]}{'...' if len(idx) > 8 else ''})"
+        last_good = (f"the last good checkpoint is {ckpt} (step {saved_step})" if saved_step else
+                     "no checkpoint saved yet")
+        if fault and not cfg.skip_nonfinite:
+            raise TrainingError(f"step {step + 1}: {fault}; weights not updated, {last_good}; try a lower --lr, "
+                                f"--dtype float32, or --skip-nonfinite to skip such batches")
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if fault:  # --skip-nonfinite: the batch is consumed (the data position stays the step), the weights are not
+            skipped += 1
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         dt = time.time() - t0
-        row = {"step": step, **{k_: v / cfg.batch_size for k_, v in sums.items()}, "grad_norm": grad_norm,
-               "lr": lr, "tokens_per_s": n_tokens / dt}
-        if eval_items and (step % cfg.eval_every == 0 or step == total_steps):
-            row.update(evaluate_pairs(cfg, policy, eval_items,
-                                      ref_lp["eval"] if ref_lp is not None else
-                                      reference_logps(reference, eval_items, cfg.micro_batch_size, device, dtype,
-                                                      cfg.average_logps), device, dtype))
-        history.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        log(f"step {step}/{total_steps} | loss {row['loss']:.4f} | acc {row['rewards/accuracies']:.2f} | margin "
-            f"{row['rewards/margins']:.3f} | chosen {row['rewards/chosen']:.3f} | rejected {row['rewards/rejected']:.3f}"
-            f" | grad {grad_norm:.2f} | lr {lr:.2e} | {row['tokens_per_s']:.0f} tok/s | {dt * 1000:.0f} ms"
-            + (f" | eval loss {row['eval/loss']:.4f} acc {row['eval/accuracy']:.2f}" if "eval/loss" in row else ""))
+        if fault:
+            log(f"step {step}/{total_steps} | skipped: {fault} | {skipped} skipped so far (--skip-nonfinite)")
+        else:
+            row = {"step": step, **{k_: v / cfg.batch_size for k_, v in sums.items()}, "grad_norm": grad_norm,
+                   "lr": lr, "tokens_per_s": n_tokens / dt}
+            if eval_items and (step % cfg.eval_every == 0 or step == total_steps):
+                row.update(evaluate_pairs(cfg, policy, eval_items,
+                                          ref_lp["eval"] if ref_lp is not None else
+                                          reference_logps(reference, eval_items, cfg.micro_batch_size, device, dtype,
+                                                          cfg.average_logps), device, dtype))
+            history.append(row)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log(f"step {step}/{total_steps} | loss {row['loss']:.4f} | acc {row['rewards/accuracies']:.2f} | margin "
+                f"{row['rewards/margins']:.3f} | chosen {row['rewards/chosen']:.3f} | rejected {row['rewards/rejected']:.3f}"
+                f" | grad {grad_norm:.2f} | lr {lr:.2e} | {row['tokens_per_s']:.0f} tok/s | {dt * 1000:.0f} ms"
+                + (f" | eval loss {row['eval/loss']:.4f} acc {row['eval/accuracy']:.2f}" if "eval/loss" in row else ""))
         if step % cfg.save_every == 0 or step == total_steps or step - run_start == cfg.stop_after:
+            bad = [n for n, p in policy.named_parameters() if not torch.isfinite(p).all()]
+            if bad:  # finite gradients can still overflow the weights (fp16, huge --lr): never save those
+                raise TrainingError(f"step {step}: non-finite weights in {bad[0]} ({len(bad)} tensors); not saved, "
+                                    f"{last_good}; try a lower --lr or --dtype float32")
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)}
-            save_checkpoint(ckpt, policy, state)
-            if cfg.keep_checkpoints:
-                save_checkpoint(os.path.join(cfg.out, f"step-{step}"), policy, state)
+                     "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "skipped": skipped}
+            try:
+                save_checkpoint(ckpt, policy, state)
+                if cfg.keep_checkpoints:
+                    save_checkpoint(os.path.join(cfg.out, f"step-{step}"), policy, state)
+            except OSError as e:
+                raise TrainingError(f"step {step}: cannot write the checkpoint to {ckpt} ({e.strerror or e}); "
+                                    f"{last_good}; free some space or choose another --out") from None
+            saved_step = step
         if step - run_start == cfg.stop_after:
             log(f"stopping after {cfg.stop_after} steps (--stop-after); continue with --resume")
             break
+    if skipped:
+        log(f"{skipped} of {step} batches skipped for a non-finite loss or gradient (--skip-nonfinite)")
     return policy, history
 
 
@@ -621,13 +723,20 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg = parse_args(argv)
     print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    fresh = not os.path.exists(cfg.out)
     try:
         if cfg.task == "imdb" and not cfg.data:
             raise InputError("--task imdb needs --data PAIRS.jsonl until the IMDb pipeline lands")
         _, history = train(cfg)
     except (InputError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if fresh and os.path.isdir(cfg.out) and not os.listdir(cfg.out):
+            os.rmdir(cfg.out)  # nothing left behind: a folder this run created and never wrote to
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; the last checkpoint (if any) is {os.path.join(cfg.out, 'checkpoint')}, "
+              f"continue with --resume", file=sys.stderr)
+        return 130
     try:
         from eval import plot_training_curves
         plot_training_curves(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "curves.png"))

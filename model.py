@@ -88,7 +88,8 @@ def cache_dir():
 def download(url, dest, what=None):
     """Fetch `url` to `dest` with a progress line. Resumable and atomic: bytes go to `dest + '.part'`
     (continued with an HTTP Range request after an interruption) and are renamed to `dest` only when
-    complete, so `dest` is never half-written. Returns `dest`. Raises FileNotFoundError on HTTP 404 and
+    complete, so `dest` is never half-written. Returns `dest`. Raises FileNotFoundError on HTTP 404 (and 401,
+    which the Hugging Face hub answers for a repository that does not exist, or is private or gated) and
     InputError, naming the URL and where to put the file by hand, when the network is unreachable."""
     if os.path.exists(dest):
         return dest
@@ -101,8 +102,9 @@ def download(url, dest, what=None):
     try:
         resp = urllib.request.urlopen(req, timeout=30)
     except urllib.error.HTTPError as e:
-        if e.code == 404:
-            raise FileNotFoundError(url) from None
+        if e.code in (401, 404):  # one line, like InputError, for callers that pass it on
+            raise FileNotFoundError(f"cannot download {url}: HTTP {e.code} {e.reason}; "
+                                    f"check the address, or download it by hand to {dest}") from None
         if e.code == 416 and have:  # the .part file is already complete
             os.replace(part, dest)
             return dest
@@ -559,7 +561,8 @@ def resolve_checkpoint(name_or_dir):
         try:
             download(HUB_URL.format(name=name_or_dir, file="config.json"), os.path.join(folder, "config.json"), name_or_dir)
         except FileNotFoundError:
-            raise InputError(f"{name_or_dir}: no such model on the Hugging Face hub (config.json not found); "
+            raise InputError(f"{name_or_dir}: no such model on the Hugging Face hub (config.json not found; or "
+                             f"the model is private or gated); "
                              f"check the name, e.g. gpt2, gpt2-large, openai-community/gpt2-xl") from None
         for weights in WEIGHT_FILES:
             try:
@@ -618,13 +621,19 @@ def read_tensors(path):
 def config_from_hf(path):
     """GPTConfig from a Hugging Face config.json (model_type gpt2)."""
     hf = _read_json(path)
+    if not isinstance(hf, dict):
+        raise InputError(f"{path}: expected a JSON object of settings; copy config.json from the model's hub page")
     if hf.get("model_type") != "gpt2":
-        raise InputError(f"{path}: model_type {hf.get('model_type')!r} is not supported; supported: 'gpt2'")
+        raise InputError(f"{path}: model_type {hf.get('model_type')!r} is not supported; "
+                         f"pass a GPT-2 checkpoint (model_type 'gpt2')")
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
         raise InputError(f"{path}: scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported")
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
         raise InputError(f"{path}: activation_function {act!r} is not supported (gelu_new or gelu)")
+    missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if not isinstance(hf.get(k), int)]
+    if missing:
+        raise InputError(f"{path}: no integer {', '.join(missing)}; copy config.json from the model's hub page")
     return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
                      n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner"),
                      layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation="gelu" if act == "gelu" else "gelu_new",
