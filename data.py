@@ -314,7 +314,7 @@ def tokenize_pair(prompt, chosen, rejected, max_length=512, max_prompt_length=25
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "truncated": truncated}
 
 
-def collate_pairs(items, pad_id=EOS):
+def collate_pairs(items, pad_id=EOS, distinct=False):
     """Stack B tokenised pairs into 2B right-padded rows: rows 0..B-1 are prompt+chosen, rows B..2B-1
     prompt+rejected (same pair order). `items` are tokenize_pair outputs, or any dicts with "prompt_ids",
     "chosen_ids", "rejected_ids" (e.g. sampled token ids). Every prompt must be non-empty, so that each
@@ -328,6 +328,10 @@ def collate_pairs(items, pad_id=EOS):
                        loss_mask[:, 1:] with labels input_ids[:, 1:].
         prompt_lens    (2B,) int64
         response_lens  (2B,) int64
+        row_index      (2B,) int64, only with distinct=True: input_ids etc. then hold each distinct
+                       (prompt, response) row once, N <= 2B rows, and row i of the pairs is row
+                       row_index[i] of the batch. Pairs that share a response (the 6 pairs formed from 4
+                       samples of one prompt) then cost 4 sequences, not 12.
     """
     if not items:
         raise ValueError("collate_pairs needs at least one pair")
@@ -336,6 +340,13 @@ def collate_pairs(items, pad_id=EOS):
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: the first response token would have nothing to be predicted from; "
                          "start the prompt with at least one token (e.g. EOS)")
+    lens = {"prompt_lens": torch.tensor([len(p) for p in prompts], dtype=torch.long),  # (2B,)
+            "response_lens": torch.tensor([len(r) for r in responses], dtype=torch.long)}  # (2B,)
+    if distinct:
+        seen = {}
+        index = [seen.setdefault((tuple(p), tuple(r)), len(seen)) for p, r in zip(prompts, responses)]
+        prompts, responses = [list(k[0]) for k in seen], [list(k[1]) for k in seen]
+        lens["row_index"] = torch.tensor(index, dtype=torch.long)  # (2B,)
     T = max(len(p) + len(r) for p, r in zip(prompts, responses))
     input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # (2B, T)
     attention_mask = torch.zeros(len(prompts), T, dtype=torch.long)  # (2B, T)
@@ -345,9 +356,7 @@ def collate_pairs(items, pad_id=EOS):
         input_ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
         attention_mask[i, :n] = 1
         loss_mask[i, len(p):n] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "prompt_lens": torch.tensor([len(p) for p in prompts], dtype=torch.long),  # (2B,)
-            "response_lens": torch.tensor([len(r) for r in responses], dtype=torch.long)}  # (2B,)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, **lens}
 
 
 def batches(items, batch_size, generator=None, shuffle=True, drop_last=False):

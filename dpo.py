@@ -367,10 +367,13 @@ def load_model(spec, device, seed=0):
 
 def batch_logps(model, batch, average=False):
     """One concatenated forward of the 2B rows (chosen then rejected): log pi(y|x) per row, (2B,).
-    The head runs on response positions only (GPT.logps); equal to sequence_logps(model(ids), ids, mask)."""
-    token = model.logps(batch["input_ids"], batch["loss_mask"])  # (2B, T)
-    logps = token.sum(-1)  # (2B,)
-    return logps / batch["loss_mask"].sum(-1).clamp(min=1) if average else logps
+    The head runs on response positions only (GPT.logps); equal to sequence_logps(model(ids), ids, mask).
+    A batch from collate_pairs(..., distinct=True) scores each distinct row once and maps it back."""
+    token = model.logps(batch["input_ids"], batch["loss_mask"])  # (N, T)
+    logps = token.sum(-1)  # (N,)
+    if average:
+        logps = logps / batch["loss_mask"].sum(-1).clamp(min=1)
+    return logps[batch["row_index"]] if "row_index" in batch else logps  # (2B,)
 
 
 @torch.no_grad()
@@ -382,13 +385,25 @@ def reference_logps(reference, items, micro_batch_size, device, dtype="float32",
     bar = Progress(len(items), label="reference log-probs", unit="pairs")
     for i in range(0, len(items), micro_batch_size):
         chunk = items[i:i + micro_batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk).items()}
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, distinct=True).items()}
         with autocast(device, dtype):
             lp = batch_logps(reference, batch, average).float()  # (2B,)
         out.append(torch.stack(lp.chunk(2), dim=1).cpu())  # (B, 2)
         bar.update(len(chunk))
     bar.close()
     return torch.cat(out)
+
+
+def epoch_order(items, generator):
+    """A shuffled order of the pairs. Pairs with a "group" key (the pairs formed from the samples of one
+    prompt) stay together, so that a micro-batch holding a whole group scores each sample once."""
+    if "group" not in items[0]:
+        return torch.randperm(len(items), generator=generator).tolist()
+    groups = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it["group"], []).append(i)
+    keys = list(groups)
+    return [i for g in torch.randperm(len(keys), generator=generator).tolist() for i in groups[keys[g]]]
 
 
 def load_pairs(cfg):
@@ -412,9 +427,12 @@ def load_pairs(cfg):
 
 
 def tokenize_all(pairs, cfg, what):
-    items = [tokenize_pair(p["prompt"], p["chosen"], p["rejected"], cfg.max_length, cfg.max_prompt_length)
+    """Token ids of every pair; pairs that already carry ids (sampled completions, whose decoded text might
+    not re-encode to the same tokens) are kept as they are, with their "group"."""
+    items = [p if "prompt_ids" in p else
+             tokenize_pair(p["prompt"], p["chosen"], p["rejected"], cfg.max_length, cfg.max_prompt_length)
              for p in pairs]
-    cut = sum(it["truncated"] for it in items)
+    cut = sum(it.get("truncated", False) for it in items)
     if cut:
         print(f"{what}: {cut} of {len(items)} pairs truncated to max_length {cfg.max_length} "
               f"(prompts to {cfg.max_prompt_length}, keeping their end)")
@@ -477,7 +495,7 @@ def evaluate_pairs(cfg, policy, items, ref_lp, device, dtype):
     losses, acc, margins = [], [], []
     with torch.no_grad():
         for i in range(0, len(items), cfg.micro_batch_size):
-            batch = {k: v.to(device) for k, v in collate_pairs(items[i:i + cfg.micro_batch_size]).items()}
+            batch = {k: v.to(device) for k, v in collate_pairs(items[i:i + cfg.micro_batch_size], distinct=True).items()}
             with autocast(device, dtype):
                 lp = batch_logps(policy, batch, cfg.average_logps).float()
             loss, cr, rr = loss_from_logps(cfg, lp, ref_lp[i:i + cfg.micro_batch_size].to(device), batch)
@@ -621,12 +639,12 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
     history, run_start = [], step
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist()  # the data position is the step
+        order = epoch_order(train_items, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]  # the data position is the step
         t0, n_tokens, sums, fault = time.time(), 0, {}, None
         for m in range(0, cfg.batch_size, cfg.micro_batch_size):
             mb = idx[m:m + cfg.micro_batch_size]
-            batch = {k_: v.to(device) for k_, v in collate_pairs([train_items[i] for i in mb]).items()}
+            batch = {k_: v.to(device) for k_, v in collate_pairs([train_items[i] for i in mb], distinct=True).items()}
             with autocast(device, dtype):
                 policy_logps = batch_logps(policy, batch, cfg.average_logps).float()  # (2B,) one forward
             if ref_lp is not None:
@@ -646,7 +664,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
                            "rewards/accuracies": (cr > rr).float(), "rewards/margins": cr - rr,
                            "logps/chosen": pc, "logps/rejected": pr}.items():
                 sums[key] = sums.get(key, 0.0) + v.sum().item()
-            n_tokens += int(batch["attention_mask"].sum())
+            n_tokens += int(batch["attention_mask"].sum())  # distinct rows: the tokens actually computed
         grad_norm = math.nan if fault else torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
         if not fault and not math.isfinite(grad_norm):
             fault = f"non-finite gradient norm (training pairs {idx[:8]}{'...' if len(idx) > 8 else ''})"

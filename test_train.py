@@ -144,3 +144,23 @@ def test_hh_sample_short_run(tmp_path):
     _, hist = dpo.train(cfg, log=quiet)
     assert hist[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+
+
+def test_distinct_rows_scored_once_give_the_same_logps_and_grouped_order():
+    """The 6 pairs formed from 4 samples of one prompt: 12 rows, 4 distinct; same log-probs either way."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32))
+    samples = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    items = [{"prompt_ids": [50256, 3, 4], "chosen_ids": samples[i], "rejected_ids": samples[j], "group": 0}
+             for i in range(4) for j in range(i + 1, 4)]
+    full = collate_pairs(items)
+    distinct = collate_pairs(items, distinct=True)
+    assert full["input_ids"].shape[0] == 12 and distinct["input_ids"].shape[0] == 4
+    torch.testing.assert_close(dpo.batch_logps(m, distinct), dpo.batch_logps(m, full), atol=1e-5, rtol=0)
+    groups = [{"group": g} for g in (0, 0, 1, 1, 1, 2)]
+    order = dpo.epoch_order(groups, torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(6))
+    runs = [groups[i]["group"] for i in order]
+    for g in set(runs):  # each group's pairs are contiguous
+        pos = [p for p, r in enumerate(runs) if r == g]
+        assert pos[-1] - pos[0] + 1 == len(pos)
