@@ -1,0 +1,69 @@
+"""Tests for the IMDb experiment (`python dpo.py --task imdb`): pair construction, and a micro run of the
+whole pipeline (tiny model, tens of prefixes, a few steps) that checks every artefact.
+
+    python -m pytest -q test_imdb.py
+"""
+import json
+import os
+import struct
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken"))
+IMDB = os.environ.get("DPO_IMDB", os.path.join(HERE, "..", "shared", "data", "aclImdb_v1.tar.gz"))
+
+import dpo
+from data import EOS, encode
+
+
+def test_four_samples_make_six_pairs_higher_reward_chosen():
+    prompt = [EOS] + encode("This movie")
+    samples = [encode(" was great"), encode(" was awful"), encode(" was fine"), encode(" bored me")]
+    rewards = [0.9, 0.1, 0.6, 0.2]
+    pairs = dpo.make_pairs(prompt, samples, rewards, group=7)
+    assert len(pairs) == 6
+    assert all(p["chosen_reward"] > p["rejected_reward"] and p["group"] == 7 for p in pairs)
+    got = {(p["chosen"], p["rejected"]) for p in pairs}
+    assert got == {(" was great", " was awful"), (" was great", " was fine"), (" was great", " bored me"),
+                   (" was fine", " was awful"), (" bored me", " was awful"), (" was fine", " bored me")}
+    assert pairs[0]["prompt"] == "This movie" and pairs[0]["prompt_ids"] == prompt
+
+
+def test_ties_make_no_pair():
+    pairs = dpo.make_pairs([EOS, 1], [[2], [3], [4], [5]], [0.5, 0.5, 0.9, 0.1], group=0)
+    assert len(pairs) == 5  # the tie (samples 0 and 1) carries no preference
+    assert not any({tuple(p["chosen_ids"]), tuple(p["rejected_ids"])} == {(2,), (3,)} for p in pairs)
+
+
+@pytest.mark.skipif(not os.path.exists(IMDB), reason=f"IMDb archive not found at {IMDB} (set DPO_IMDB)")
+def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
+    out = tmp_path / "imdb"
+    args = ["--task", "imdb", "--preset", "cpu", "--out", str(out), "--imdb", IMDB, "--model", "scratch:1,2,32",
+            "--sft-tokens", "8000", "--n-prefixes", "24", "--max-new-tokens", "6", "--betas", "0.1,1",
+            "--alphas", "0.1", "--batch-size", "12", "--micro-batch-size", "6", "--eval-prompts", "8",
+            "--classifier-epochs", "1", "--max-reviews", "300", "--device", "cpu"]
+    assert dpo.main(args) == 0
+    for name in ("sft/model.safetensors", "classifier.pt", "pairs.jsonl", "reference_logps.pt", "results.csv",
+                 "results.json", "frontier.png", "summary.json", "dpo-beta0.1/done", "preferred-ft/model.safetensors",
+                 "unlikelihood-alpha0.1/model.safetensors"):
+        assert (out / name).exists(), name
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pairs = [json.loads(l) for l in open(out / "pairs.jsonl")]
+    groups = {}
+    for p in pairs:
+        groups.setdefault(p["group"], []).append(p)
+        assert p["chosen_reward"] > p["rejected_reward"] and 3 <= len(p["prompt_ids"]) <= 9
+    assert len(groups) == 24 and all(len(g) <= 6 for g in groups.values()) and len(pairs) > 24 * 5
+    rows = json.load(open(out / "results.json"))
+    methods = [r["method"] for r in rows]
+    assert methods.count("SFT") == 1 and methods.count("DPO") >= 4 and "Preferred-FT" in methods
+    assert "Unlikelihood" in methods
+    assert rows[0]["kl"] == 0 and all(0 <= r["reward"] <= 1 for r in rows)
+    header = open(out / "results.csv").readline().strip().split(",")
+    assert header[:3] == ["method", "reward", "reward_se"] or {"method", "reward", "kl"} <= set(header)
+    # a second run finds every stage cached and gives the same table
+    capsys.readouterr()
+    assert dpo.main(args) == 0
+    assert "SFT: cached" in capsys.readouterr().out
+    assert json.load(open(out / "results.json")) == rows
