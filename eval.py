@@ -1,0 +1,428 @@
+"""Evaluation for the IMDb experiment (arXiv:2305.18290, Section 6.1, Fig. 2 left): the ground-truth reward
+classifier, sampling, the sequence-level KL to the reference, tables and plots.
+
+    TIKTOKEN_CACHE_DIR=../shared/tiktoken DPO_IMDB=../shared/data/aclImdb_v1.tar.gz \\
+        python eval.py --classifier runs/classifier.pt --policy runs/dpo --reference runs/sft
+
+The paper's ground-truth reward is a sentiment classifier, r*(x, y) = P(positive | x + y). We train our
+own: logistic regression on the bag of distinct GPT-2 tokens of a review (BowClassifier), trained once on
+the IMDb train reviews and frozen. Each method is placed on the reward/KL frontier by sampling
+completions y ~ pi(.|x) for test prompts x and reporting
+    reward  E_{x, y~pi}[ r*(x, y) ]
+    KL      E_{x, y~pi}[ log pi(y|x) - log pi_ref(y|x) ]    = E_x KL(pi(.|x) || pi_ref(.|x)), sequence level
+both with standard errors over the samples.
+
+Shape notation: N sequences, T time, V vocabulary.
+"""
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from model import GPT, InputError, Progress
+
+
+# ----------------------------------------------------------------------------------------------
+# The ground-truth reward: a bag-of-tokens sentiment classifier
+
+class BowClassifier(nn.Module):
+    """Logistic regression on the set of distinct tokens of a text (EOS excluded):
+        P(positive | text) = sigmoid(b + mean_{u in U(text)} w_u),   U(text) = distinct token ids
+    The mean (not the sum) keeps short texts (prompt + 32 tokens) and whole reviews on one scale."""
+
+    def __init__(self, vocab_size=50257):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.weight = nn.Parameter(torch.zeros(vocab_size))  # (V,) w_u
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, flat_ids, offsets):
+        """Logits (N,) for N bags given as one flat id tensor (M,) and the start offset of each bag (N,),
+        the layout of nn.EmbeddingBag (whose backward sorts all M ids: 10x slower here than index_add)."""
+        lengths = torch.diff(offsets, append=torch.tensor([len(flat_ids)]))  # (N,)
+        bag = torch.repeat_interleave(torch.arange(len(offsets)), lengths)  # (M,) the bag of each id
+        sums = torch.zeros(len(offsets)).index_add(0, bag, self.weight.index_select(0, flat_ids))  # (N,)
+        return sums / lengths.clamp(min=1) + self.bias  # (N,)
+
+    @torch.no_grad()
+    def score(self, token_lists):
+        """P(positive) for each token list: (N,) float32 tensor. Token ids >= vocab_size are ignored."""
+        return torch.sigmoid(self(*bags(token_lists, self.vocab_size)))
+
+    def save(self, path):
+        """torch.save of a small dict, atomically (temporary file, then rename)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save({"vocab_size": self.vocab_size, "weight": self.weight.detach().cpu(),
+                    "bias": self.bias.detach().cpu()}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            clf = cls(state["vocab_size"])
+            with torch.no_grad():
+                clf.weight.copy_(state["weight"])
+                clf.bias.copy_(state["bias"])
+        except (OSError, RuntimeError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: not a classifier saved by eval.py ({type(e).__name__}: {e}); "
+                             f"delete it and run eval.py --classifier {path} to train one") from None
+        return clf.eval().requires_grad_(False)  # frozen: the ground-truth reward never changes
+
+
+def bags(token_lists, vocab_size=50257):
+    """The distinct tokens of each list (EOS and ids >= vocab_size dropped) as one flat int64 tensor plus
+    the offset of each bag (N,), the input format of nn.EmbeddingBag. An empty bag scores sigmoid(b)."""
+    return _concat([_bag(ids, vocab_size) for ids in token_lists])
+
+
+def _bag(ids, vocab_size):
+    ids = torch.unique(torch.as_tensor(ids, dtype=torch.long))  # sorted distinct ids
+    return ids[(ids != data.EOS) & (ids >= 0) & (ids < vocab_size)]
+
+
+def _concat(bag_list):
+    lengths = torch.tensor([0] + [len(b) for b in bag_list[:-1]], dtype=torch.long)
+    flat = torch.cat(bag_list) if bag_list else torch.zeros(0, dtype=torch.long)
+    return flat, lengths.cumsum(0)
+
+
+def _review_ids(review):
+    return review["ids"] if "ids" in review else data.encode(review["text"])
+
+
+def train_classifier(reviews, epochs=10, lr=0.1, batch_size=500, vocab_size=50257, generator=None, log=print):
+    """Fits a BowClassifier by minimising the logistic loss mean_i BCE(sigmoid(logit_i), label_i) with Adam.
+
+    reviews: dicts with "label" (1 positive, 0 negative) and "ids" (token list) or "text" (encoded here).
+    Batches are reshuffled every epoch with `generator`. Returns the classifier, frozen."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    review_bags = [_bag(_review_ids(r), vocab_size) for r in reviews]  # computed once
+    labels = torch.tensor([float(r["label"]) for r in reviews])  # (N,)
+    clf = BowClassifier(vocab_size)
+    opt = torch.optim.Adam(clf.parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops of ~1e5 elements: thread start-up and barriers cost more than the work
+    try:                      # (10x slower with 2 threads when another process shares the cores)
+        for epoch in range(epochs):
+            order = torch.randperm(len(review_bags), generator=generator).tolist()
+            total = 0.0
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                logits = clf(*_concat([review_bags[i] for i in idx]))  # (N,)
+                loss = F.binary_cross_entropy_with_logits(logits, labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            if log:
+                log(f"classifier epoch {epoch + 1}/{epochs} | loss {total / len(order):.4f}")
+    finally:
+        torch.set_num_threads(threads)
+    return clf.eval().requires_grad_(False)
+
+
+def accuracy(classifier, reviews):
+    """Fraction of reviews (dicts with "label" and "ids" or "text") whose label the classifier gets right."""
+    scores = classifier.score([_review_ids(r) for r in reviews])  # (N,)
+    labels = torch.tensor([r["label"] for r in reviews])
+    return ((scores > 0.5).long() == labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts, sampling and the sequence-level KL
+
+def imdb_prompts(reviews, n, min_len=2, max_len=8, generator=None):
+    """The paper's IMDb prompts: a prefix of a review, here [EOS] + its first k tokens with k uniform in
+    [min_len, max_len] (EOS marks a review's start, as in sft.review_tokens). Takes n reviews at random."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    order = torch.randperm(len(reviews), generator=generator)[:n].tolist()
+    lengths = torch.randint(min_len, max_len + 1, (len(order),), generator=generator).tolist()
+    return [[data.EOS] + _review_ids(reviews[i])[:k] for i, k in zip(order, lengths)]
+
+
+@torch.no_grad()
+def sample_completions(model, prompts, n_per_prompt, max_new_tokens, batch_size=64, generator=None,
+                       temperature=1.0, top_k=None, top_p=None, eos_id=data.EOS):
+    """n_per_prompt completions of every prompt, sampled with model.generate (KV cache) in batches.
+    Returns a list of len(prompts) * n_per_prompt token lists, prompt-major (the completions of prompt i
+    are items i*n_per_prompt ... i*n_per_prompt + n_per_prompt - 1). Each ends at its first eos_id (kept)
+    or after max_new_tokens. `generator` must live on the model's device."""
+    was_training = model.training
+    model.eval()
+    rows = [list(p) for p in prompts for _ in range(n_per_prompt)]
+    out = []
+    bar = Progress(len(rows), label="sample", unit="seq")
+    for s in range(0, len(rows), batch_size):
+        tokens, mask = model.generate(rows[s:s + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, eos_id=eos_id, generator=generator)  # (N, n), (N, n)
+        lengths = mask.sum(-1).tolist()  # the mask is 1 on a prefix of each row: the tokens up to EOS
+        out.extend(row[:k] for row, k in zip(tokens.tolist(), lengths))
+        bar.update(len(lengths))
+    bar.close()
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def completion_logps(model, prompts, completions, batch_size=64):
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over the completion tokens of each (prompt, completion):
+    (N,) float32. Rows are left-padded with data.left_pad (pad id 0: any id
+    in the vocabulary will do, it is masked); the completion is the last len(y) columns."""
+    model_was_training = model.training
+    model.eval()
+    out = []
+    device = model.wte.weight.device
+    for s in range(0, len(prompts), batch_size):
+        P, C = prompts[s:s + batch_size], completions[s:s + batch_size]
+        input_ids, attention_mask = data.left_pad([list(p) + list(c) for p, c in zip(P, C)], pad_id=0)  # (N, T)
+        lengths = torch.tensor([len(c) for c in C])  # (N,)
+        target_mask = torch.arange(input_ids.size(1)) >= input_ids.size(1) - lengths[:, None]  # (N, T)
+        logps = model.logps(input_ids.to(device), target_mask.to(device), attention_mask.to(device))  # (N, T)
+        out.append(logps.sum(-1).cpu())  # logps is 0 off the target positions
+    model.train(model_was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def sequence_kl(policy, reference, prompts, completions, batch_size=64):
+    """Per-sample log-ratio over the completion tokens: (N,) float32,
+        k(x, y) = sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] = log pi(y|x) - log pi_ref(y|x).
+    For completions sampled from the POLICY, E_{y~pi}[k(x, y)] = KL(pi(.|x) || pi_ref(.|x)) (sequence level),
+    so the mean over the policy's own samples is an unbiased estimate of the paper's KL (single samples
+    can be negative; the expectation cannot)."""
+    return (completion_logps(policy, prompts, completions, batch_size)
+            - completion_logps(reference, prompts, completions, batch_size))
+
+
+def mean_se(x):
+    """Mean and standard error of the mean of a 1-D tensor."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    se = x.std(unbiased=True).item() / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+    return x.mean().item(), se
+
+
+def evaluate(policy, reference, classifier, prompts, n_samples, max_new_tokens, generator, batch_size=64,
+             temperature=1.0, n_show=3):
+    """Samples n_samples completions per prompt from the policy and scores them.
+
+    Returns {"reward", "reward_se", "kl", "kl_se", "length", "n", "samples"}: reward = mean of
+    classifier P(positive | prompt + completion), kl = mean of sequence_kl on the same samples (0 when
+    policy is reference), both with standard errors over the N = len(prompts) * n_samples samples; length =
+    mean completion tokens; samples = the first n_show as decoded {"prompt", "completion", "reward", "kl"}."""
+    completions = sample_completions(policy, prompts, n_samples, max_new_tokens, batch_size, generator, temperature)
+    rows = [list(p) for p in prompts for _ in range(n_samples)]
+    rewards = classifier.score([p + c for p, c in zip(rows, completions)])  # (N,)
+    kls = torch.zeros(len(rows)) if policy is reference else sequence_kl(policy, reference, rows, completions, batch_size)
+    reward, reward_se = mean_se(rewards)
+    kl, kl_se = mean_se(kls)
+    samples = [{"prompt": data.decode([t for t in p if t != data.EOS]), "completion": data.decode(c),
+                "reward": round(rewards[i].item(), 4), "kl": round(kls[i].item(), 4)}
+               for i, (p, c) in enumerate(zip(rows[:n_show], completions[:n_show]))]
+    return {"reward": reward, "reward_se": reward_se, "kl": kl, "kl_se": kl_se,
+            "length": sum(map(len, completions)) / max(1, len(completions)), "n": len(rows), "samples": samples}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and plots
+
+def _atomic_write(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", newline="") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_table(rows, path_csv, path_json):
+    """rows: list of dicts, e.g. {"method": "DPO", "beta": 0.1, "reward": ..., "reward_se": ..., "kl": ...}.
+    The CSV has one column per scalar key (in order of first appearance; nested values such as "samples"
+    go to the JSON only); the JSON holds the rows as given."""
+    columns = []
+    for row in rows:
+        columns += [k for k, v in row.items() if k not in columns and not isinstance(v, (list, dict))]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(path_csv, buf.getvalue())
+    _atomic_write(path_json, json.dumps(rows, indent=2) + "\n")
+
+
+STYLES = {"DPO": ("o", "tab:orange"), "Preferred-FT": ("s", "tab:green"), "Unlikelihood": ("^", "tab:blue"),
+          "SFT": ("*", "black"), "PPO": ("D", "tab:purple")}
+
+
+def _point_label(row):
+    if "label" in row:
+        return str(row["label"])
+    for key, sym in (("beta", "β"), ("alpha", "α")):
+        if row.get(key) is not None:
+            return f"{sym}={row[key]:g}"
+    return ""
+
+
+def plot_frontier(rows, path_png, title="IMDb Sentiment Generation"):
+    """Reward (y) against KL(pi || pi_ref) (x), one marker and colour per row["method"], error bars of one
+    standard error, beta (or alpha) written next to each point: the layout of Fig. 2 (left) of the paper."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, method in enumerate(methods):
+        pts = [r for r in rows if r["method"] == method]
+        marker, colour = STYLES.get(method, ("v", f"C{i}"))
+        ax.errorbar([r["kl"] for r in pts], [r["reward"] for r in pts],
+                    xerr=[r.get("kl_se", 0) or 0 for r in pts], yerr=[r.get("reward_se", 0) or 0 for r in pts],
+                    fmt=marker, color=colour, label=method, markersize=7, capsize=2, linestyle="none")
+        for r in pts:
+            ax.annotate(_point_label(r), (r["kl"], r["reward"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("KL(π‖π_ref)")
+    ax.set_ylabel("Reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
+    fig.savefig(path_png + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(path_png + ".tmp.png", path_png)
+
+
+def read_jsonl(path):
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read JSON lines ({e}); pass the metrics.jsonl a training run wrote") from None
+
+
+def plot_training_curves(metrics_jsonl_path, png_path):
+    """Loss (with "eval/loss" if present), rewards/margins and rewards/accuracies against step, one panel
+    each, from a JSON-lines file of per-step dicts. Panels whose key never appears are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = read_jsonl(metrics_jsonl_path)
+    panels = [k for k in ("loss", "rewards/margins", "rewards/accuracies") if any(k in r for r in records)]
+    if not panels:
+        raise InputError(f"{metrics_jsonl_path}: no 'loss', 'rewards/margins' or 'rewards/accuracies' in any line")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for k, style in ((key, "-"), ("eval/" + key.split("/")[-1] if key == "loss" else None, "o-")):
+            pts = [(r["step"], r[k]) for r in records if k and k in r and r[k] is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label="train" if k == key else "eval", markersize=3)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        if key == "loss" and any("eval/loss" in r for r in records):
+            ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(png_path + ".tmp.png", png_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+@dataclasses.dataclass
+class EvalConfig:
+    classifier: str = "runs/classifier.pt"  # trained on IMDb train and saved here if the file is absent
+    policy: str | None = None               # checkpoint folder; none: only train/test the classifier
+    reference: str | None = None            # default: the policy itself (KL 0)
+    prompts: int = 256                      # test-review prefixes
+    samples: int = 1                        # completions per prompt
+    max_new_tokens: int = 32
+    batch_size: int = 64
+    temperature: float = 1.0
+    classifier_epochs: int = 10
+    curves: str | None = None               # a metrics.jsonl to plot next to itself (.png)
+    out: str | None = None                  # JSON file for the result
+    imdb: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+
+
+def parse_args(argv=None):
+    """EvalConfig from the command line (argv=None reads sys.argv)."""
+    d = EvalConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--classifier", default=d.classifier, help="reward classifier file; trained on IMDb train if absent")
+    p.add_argument("--policy", default=d.policy, help="policy checkpoint folder (or hub name) to evaluate")
+    p.add_argument("--reference", default=d.reference, help="reference (SFT) checkpoint for the KL; default: the policy")
+    p.add_argument("--prompts", type=int, default=d.prompts, help="number of test-review prompts (EOS + 2-8 tokens)")
+    p.add_argument("--samples", type=int, default=d.samples, help="completions sampled per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="completion length limit")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per generate/log-prob batch")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
+    p.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs, help="epochs when training the classifier")
+    p.add_argument("--curves", default=d.curves, help="plot this metrics.jsonl to a .png beside it")
+    p.add_argument("--out", default=d.out, help="write the result as JSON here")
+    p.add_argument("--imdb", default=d.imdb, help="IMDb archive or extracted folder (default: $DPO_IMDB, else download)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda or mps")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for prompts and sampling")
+    return EvalConfig(**vars(p.parse_args(argv)))
+
+
+def run(cfg):
+    torch.manual_seed(cfg.seed)
+    if cfg.curves:
+        png = os.path.splitext(cfg.curves)[0] + ".png"
+        plot_training_curves(cfg.curves, png)
+        print(f"wrote {png}")
+    test = None
+    if os.path.exists(cfg.classifier):
+        clf = BowClassifier.load(cfg.classifier)
+    else:
+        t0 = time.time()
+        clf = train_classifier(data.read_imdb("train", cfg.imdb), epochs=cfg.classifier_epochs,
+                               generator=torch.Generator().manual_seed(cfg.seed))
+        train_s = time.time() - t0
+        test = data.read_imdb("test", cfg.imdb)
+        print(f"classifier: test accuracy {accuracy(clf, test):.4f} on {len(test):,} reviews | trained in {train_s:.1f} s")
+        clf.save(cfg.classifier)
+        print(f"saved {cfg.classifier}")
+    if not cfg.policy:
+        return
+    policy = GPT.from_pretrained(cfg.policy, device=cfg.device).requires_grad_(False)
+    reference = policy if not cfg.reference or cfg.reference == cfg.policy else \
+        GPT.from_pretrained(cfg.reference, device=cfg.device).requires_grad_(False)
+    prompts = imdb_prompts(test or data.read_imdb("test", cfg.imdb), cfg.prompts,
+                           generator=torch.Generator().manual_seed(cfg.seed))
+    generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
+    result = evaluate(policy, reference, clf, prompts, cfg.samples, cfg.max_new_tokens, generator, cfg.batch_size,
+                      cfg.temperature)
+    print(f"reward {result['reward']:.4f} ± {result['reward_se']:.4f} | KL {result['kl']:.3f} ± {result['kl_se']:.3f} "
+          f"nats | {result['n']} samples, {result['length']:.1f} tokens on average")
+    for s in result["samples"]:
+        print(f"  [{s['reward']:.2f}] {s['prompt']!r} -> {s['completion']!r}")
+    if cfg.out:
+        _atomic_write(cfg.out, json.dumps({"config": dataclasses.asdict(cfg), **result}, indent=2) + "\n")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    print(json.dumps(dataclasses.asdict(cfg)))
+    try:
+        run(cfg)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
