@@ -745,10 +745,10 @@ IMDB_PRESETS = {
                 max_new_tokens=48, betas="0.05,0.1,1,5", alphas="0.01,0.1", optimizer="rmsprop", lr=1e-6,
                 warmup_steps=150, batch_size=64, micro_batch_size=8, baseline_lr=1e-6, eval_every=100,
                 eval_prompts=512, sample_batch_size=128),
-    # Two CPU cores, offline, about 15 minutes: a small GPT trained from scratch, 1,000 prefixes, AdamW at a
+    # Two CPU cores, offline, about 15 minutes: a small GPT trained from scratch, 600 prefixes, AdamW at a
     # larger rate (a from-scratch model needs far larger steps than 1e-6), each run evaluated at 2 points.
-    "cpu": dict(model="scratch", sft_tokens=1_000_000, sft_lr=5e-3, sft_batch_size=16, n_prefixes=1000,
-                max_new_tokens=32, betas="0.05,0.1,0.5,1", alphas="0.01,0.1", optimizer="adamw", lr=2e-4,
+    "cpu": dict(model="scratch", sft_tokens=400_000, sft_lr=5e-3, sft_batch_size=16, n_prefixes=600,
+                max_new_tokens=24, betas="0.05,0.1,0.5,1", alphas="0.01,0.1", optimizer="adamw", lr=2e-4,
                 warmup_steps=10, batch_size=48, micro_batch_size=48, baseline_lr=2e-4, eval_every=0,
                 eval_prompts=256, sample_batch_size=256),
 }
