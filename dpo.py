@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from data import EOS, collate_pairs, decode, read_hh, read_imdb, read_jsonl_pairs, tokenize_pair
-from model import GPT, GPTConfig, InputError, Progress, token_logps
+from model import GPT, GPTConfig, InputError, Progress, keep_freed_memory, token_logps
 
 LOSS_TYPES = ("dpo", "cdpo", "robust", "ipo", "hinge", "lndpo", "simpo")
 
@@ -747,7 +747,7 @@ IMDB_PRESETS = {
                 eval_prompts=512, sample_batch_size=128),
     # Two CPU cores, offline, about 15 minutes: a small GPT trained from scratch, 600 prefixes, AdamW at a
     # larger rate (a from-scratch model needs far larger steps than 1e-6), each run evaluated at 2 points.
-    "cpu": dict(model="scratch", sft_tokens=400_000, sft_lr=5e-3, sft_batch_size=16, n_prefixes=600,
+    "cpu": dict(model="scratch", sft_tokens=500_000, sft_lr=5e-3, sft_batch_size=16, n_prefixes=600,
                 max_new_tokens=24, betas="0.05,0.1,0.5,1", alphas="0.01,0.1", optimizer="adamw", lr=2e-4,
                 warmup_steps=10, batch_size=48, micro_batch_size=48, baseline_lr=2e-4, eval_every=0,
                 eval_prompts=256, sample_batch_size=256),
@@ -1010,6 +1010,7 @@ def parse_args(argv=None, cls=TrainConfig):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    keep_freed_memory()  # 400 MB logits tensors are reused, not re-mapped from the kernel every step
     if "--task" in argv and argv[argv.index("--task") + 1:][:1] == ["imdb"] and "--data" not in argv:
         i = argv.index("--task")
         try:  # the whole experiment; `--task imdb --data PAIRS.jsonl` trains on a pairs file instead

@@ -178,8 +178,8 @@ def sample_completions(model, prompts, n_per_prompt, max_new_tokens, batch_size=
 @torch.no_grad()
 def completion_logps(model, prompts, completions, batch_size=64):
     """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over the completion tokens of each (prompt, completion):
-    (N,) float32. Rows are left-padded with data.left_pad (pad id 0: any id
-    in the vocabulary will do, it is masked); the completion is the last len(y) columns."""
+    (N,) float32. Rows are left-padded by data.left_pad with id 0 (masked; 0 exists in every vocabulary,
+    unlike EOS in a test model), so each completion is the last len(y) columns of its row."""
     model_was_training = model.training
     model.eval()
     out = []
@@ -287,7 +287,7 @@ def plot_frontier(rows, path_png, title="IMDb Sentiment Generation"):
                     fmt=marker, color=colour, label=method, markersize=7, capsize=2, linestyle="none")
         for r in pts:
             ax.annotate(_point_label(r), (r["kl"], r["reward"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("KL(π‖π_ref)")
+    ax.set_xlabel(r"KL($\pi\,\|\,\pi_{\mathrm{ref}}$)")  # KL(π‖π_ref), as in the paper
     ax.set_ylabel("Reward")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -307,26 +307,31 @@ def read_jsonl(path):
         raise InputError(f"{path}: cannot read JSON lines ({e}); pass the metrics.jsonl a training run wrote") from None
 
 
+EVAL_KEYS = {"loss": ("eval/loss",), "rewards/margins": ("eval/margin", "eval/rewards/margins"),
+             "rewards/accuracies": ("eval/accuracy", "eval/rewards/accuracies")}  # held-out versions, as dpo.py logs them
+
+
 def plot_training_curves(metrics_jsonl_path, png_path):
-    """Loss (with "eval/loss" if present), rewards/margins and rewards/accuracies against step, one panel
-    each, from a JSON-lines file of per-step dicts. Panels whose key never appears are left out."""
+    """Loss, rewards/margins and rewards/accuracies against step, one panel each, from a JSON-lines file of
+    per-step dicts ({"step", "loss", ...}); the held-out values (EVAL_KEYS, e.g. "eval/loss") are drawn as
+    dots in the same panel. Panels whose key never appears are left out."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     records = read_jsonl(metrics_jsonl_path)
-    panels = [k for k in ("loss", "rewards/margins", "rewards/accuracies") if any(k in r for r in records)]
+    panels = [k for k in EVAL_KEYS if any(k in r for r in records)]
     if not panels:
-        raise InputError(f"{metrics_jsonl_path}: no 'loss', 'rewards/margins' or 'rewards/accuracies' in any line")
+        raise InputError(f"{metrics_jsonl_path}: no {', '.join(EVAL_KEYS)} in any line; pass a training run's metrics.jsonl")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, key in zip(axes[0], panels):
-        for k, style in ((key, "-"), ("eval/" + key.split("/")[-1] if key == "loss" else None, "o-")):
-            pts = [(r["step"], r[k]) for r in records if k and k in r and r[k] is not None]
+        for k, style, label in [(key, "-", "train")] + [(e, "o-", "held out") for e in EVAL_KEYS[key]]:
+            pts = [(r["step"], r[k]) for r in records if r.get(k) is not None]
             if pts:
-                ax.plot(*zip(*pts), style, label="train" if k == key else "eval", markersize=3)
+                ax.plot(*zip(*pts), style, label=label, markersize=3)
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
-        if key == "loss" and any("eval/loss" in r for r in records):
+        if len(ax.get_lines()) > 1:
             ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)

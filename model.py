@@ -8,6 +8,7 @@ save_pretrained, generate). Only the standard library and torch are imported.
 
 Shape notation: B batch rows, T time, C channels (n_embd), V vocabulary, nh heads, hs head size.
 """
+import ctypes
 import dataclasses
 import json
 import math
@@ -78,6 +79,21 @@ def _human(x):
 def _duration(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel (Linux; elsewhere
+    a no-op returning False). A training step allocates several (N*T, V) float32 tensors (~400 MB each
+    for 16 x 128 tokens); glibc maps every block over 32 MB fresh from the kernel and unmaps it when freed,
+    so each step page-faults and zeroes gigabytes. Measured on 2 CPU cores: 1.4 s of system time in a
+    1.7 s step; with this call 0.1 s, and SFT runs 1.75x faster. A process-wide setting, so only entry
+    points call it (sft.main, dpo.main, eval.main), never an import."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 2**31 - 1) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def cache_dir():

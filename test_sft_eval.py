@@ -69,19 +69,22 @@ def test_sequence_kl_matches_exact_kl_on_tiny_vocabulary():
 
 
 def test_sample_completions_order_and_eos():
-    """Prompt-major order, EOS kept and nothing after it, lengths at most max_new_tokens."""
-    model = tiny_gpt(0, block_size=16, std=0.5)
+    """Prompt-major order (greedy decoding makes each prompt's rows identical), EOS kept and nothing after
+    it, lengths at most max_new_tokens, samples fixed by the generator."""
+    model = tiny_gpt(2, block_size=16, std=0.5)
     prompts = [[1], [2, 3, 4]]
+    greedy = ev.sample_completions(model, prompts, 3, 6, batch_size=4, temperature=0.0, eos_id=-1)
+    assert greedy[0] != greedy[3]  # precondition: this model's greedy completion depends on the prompt
+    assert greedy[0] == greedy[1] == greedy[2] and greedy[3] == greedy[4] == greedy[5]
+    assert greedy[0] == ev.sample_completions(model, prompts[:1], 1, 6, temperature=0.0, eos_id=-1)[0]
+    assert greedy[3] == ev.sample_completions(model, prompts[1:], 1, 6, temperature=0.0, eos_id=-1)[0]
     out = ev.sample_completions(model, prompts, 3, 6, batch_size=4, generator=torch.Generator().manual_seed(0), eos_id=0)
     assert len(out) == 6
     for y in out:
         assert 1 <= len(y) <= 6
-        assert 0 not in y[:-1]  # generation stops at the first EOS (id 0 here)
+        assert 0 not in y[:-1] and (len(y) == 6 or y[-1] == 0)  # stops at the first EOS (id 0 here), keeps it
     again = ev.sample_completions(model, prompts, 3, 6, batch_size=4, generator=torch.Generator().manual_seed(0), eos_id=0)
-    assert again == out  # the generator fixes the samples
-    # a prompt's completions are scored after that prompt: all prompt-0 rows are likelier under prompt 0
-    lp = ev.completion_logps(model, [prompts[0]] * 3 + [prompts[1]] * 3, out)
-    assert torch.isfinite(lp).all() and (lp < 0).all()
+    assert again == out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,6 +201,10 @@ def test_log1m_exp_is_finite_and_accurate():
     assert y[-1].item() == pytest.approx(math.log(1e-6), rel=1e-3)  # p = 1 is clamped, not -inf
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
+    # float32 near p = 0 and p = 1: log(-expm1(x)) for x near 0, log1p(-exp(x)) far below
+    x32 = torch.tensor([-1e-5, -1e-3, -20.0])
+    exact32 = torch.log(-torch.expm1(x32.double()))
+    torch.testing.assert_close(sft.log1m_exp(x32).double(), exact32, rtol=1e-5, atol=1e-12)
 
 
 def test_train_sequences_lowers_the_loss_and_validates_arguments():
@@ -243,9 +250,16 @@ def test_classifier_learns_synthetic_task_and_round_trips(tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
-def test_classifier_bags_are_distinct_tokens():
+def test_classifier_bags_and_score_by_hand():
+    """P(positive) = sigmoid(b + mean of w over the DISTINCT tokens, EOS dropped)."""
     flat, offsets = ev.bags([[3, 3, 2, data.EOS], [], [7]])
     assert flat.tolist() == [2, 3, 7] and offsets.tolist() == [0, 2, 2]
+    clf = ev.BowClassifier(10)
+    with torch.no_grad():
+        clf.weight.copy_(torch.arange(10.0) / 10)
+        clf.bias.fill_(-0.1)
+    expected = torch.sigmoid(torch.tensor([-0.1 + (0.3 + 0.2) / 2, -0.1, -0.1 + 0.7]))
+    torch.testing.assert_close(clf.score([[3, 3, 2, data.EOS], [], [7]]), expected)
 
 
 def test_evaluate_reports_reward_and_zero_kl_for_the_reference():
