@@ -745,10 +745,10 @@ IMDB_PRESETS = {
                 max_new_tokens=48, betas="0.05,0.1,1,5", alphas="0.01,0.1", optimizer="rmsprop", lr=1e-6,
                 warmup_steps=150, batch_size=64, micro_batch_size=8, baseline_lr=1e-6, eval_every=100,
                 eval_prompts=512, sample_batch_size=128),
-    # Two CPU cores, offline, about 15 minutes: a small GPT trained from scratch, 600 prefixes, AdamW at a
+    # Two CPU cores, offline, about 15 minutes: a small GPT trained from scratch, 800 prefixes, AdamW at a
     # larger rate (a from-scratch model needs far larger steps than 1e-6), each run evaluated at 2 points.
-    "cpu": dict(model="scratch", sft_tokens=500_000, sft_lr=5e-3, sft_batch_size=16, n_prefixes=600,
-                max_new_tokens=24, betas="0.05,0.1,0.5,1", alphas="0.01,0.1", optimizer="adamw", lr=2e-4,
+    "cpu": dict(model="scratch", sft_tokens=500_000, sft_lr=5e-3, sft_batch_size=16, n_prefixes=800,
+                max_new_tokens=24, betas="0.05,0.1,0.5,1", alphas="0.01,0.1", optimizer="adamw", lr=4e-4,
                 warmup_steps=10, batch_size=48, micro_batch_size=48, baseline_lr=2e-4, eval_every=0,
                 eval_prompts=256, sample_batch_size=256),
 }
@@ -927,7 +927,7 @@ def run_imdb(cfg, log=print):
     # 4. policies. DPO: the project's trainer, checkpoints kept along training.
     runs = []  # (method, label key, value, checkpoint folders)
     steps_per_run = len(train_pairs) // cfg.batch_size
-    every = cfg.eval_every or max(1, steps_per_run // 2)
+    every = cfg.eval_every or max(1, math.ceil(steps_per_run / 2))  # 0: mid-run and the end
     for beta in [float(b) for b in cfg.betas.split(",")]:
         out = os.path.join(cfg.out, f"dpo-beta{beta:g}")
         if not os.path.exists(os.path.join(out, "done")):
