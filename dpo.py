@@ -1,7 +1,9 @@
 """Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290): the derivation, the losses
 and their hand-written gradients, then the trainer.
 
-    python -m pytest -q test_dpo.py      # checks every formula below against autograd
+    python dpo.py --task hh --model gpt2                  # DPO on Anthropic HH (paper defaults)
+    python dpo.py --task imdb                             # the paper's IMDb experiment, end to end
+    python -m pytest -q test_dpo.py                       # checks every formula below against autograd
 
 Shape notation
     B    preference pairs in a batch
