@@ -638,7 +638,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
     log(f"{len(train_items)} train pairs, {len(eval_items)} held-out | {total_steps} steps of {cfg.batch_size} "
         f"pairs | {policy.num_params() / 1e6:.1f}M parameters | {device} {dtype}")
 
-    history, run_start = [], step
+    history, run_start, eval_ref = [], step, None
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
         order = epoch_order(train_items, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
@@ -690,10 +690,10 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
             row = {"step": step, **{k_: v / cfg.batch_size for k_, v in sums.items()}, "grad_norm": grad_norm,
                    "lr": lr, "tokens_per_s": n_tokens / dt}
             if eval_items and (step % cfg.eval_every == 0 or step == total_steps):
-                row.update(evaluate_pairs(cfg, policy, eval_items,
-                                          ref_lp["eval"] if ref_lp is not None else
-                                          reference_logps(reference, eval_items, cfg.micro_batch_size, device, dtype,
-                                                          cfg.average_logps), device, dtype))
+                if eval_ref is None:  # the reference never changes: its held-out log-probs are computed once
+                    eval_ref = ref_lp["eval"] if ref_lp is not None else reference_logps(
+                        reference, eval_items, cfg.micro_batch_size, device, dtype, cfg.average_logps)
+                row.update(evaluate_pairs(cfg, policy, eval_items, eval_ref, device, dtype))
             history.append(row)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

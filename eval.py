@@ -243,6 +243,16 @@ def _atomic_write(path, text):
     os.replace(path + ".tmp", path)
 
 
+def _save_figure(fig, path, dpi):
+    """Write a matplotlib figure atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path + ".tmp.png", dpi=dpi)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
 def write_table(rows, path_csv, path_json):
     """rows: list of dicts, e.g. {"method": "DPO", "beta": 0.1, "reward": ..., "reward_se": ..., "kl": ...}.
     The CSV has one column per scalar key (in order of first appearance; nested values such as "samples"
@@ -292,11 +302,7 @@ def plot_frontier(rows, path_png, title="IMDb Sentiment Generation"):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
-    fig.savefig(path_png + ".tmp.png", dpi=120)
-    plt.close(fig)
-    os.replace(path_png + ".tmp.png", path_png)
+    _save_figure(fig, path_png, dpi=120)
 
 
 def read_jsonl(path):
@@ -333,11 +339,7 @@ def plot_training_curves(metrics_jsonl_path, png_path):
         ax.grid(alpha=0.3)
         if len(ax.get_lines()) > 1:
             ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    fig.savefig(png_path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(png_path + ".tmp.png", png_path)
+    _save_figure(fig, png_path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -136,6 +136,15 @@ def eval_lm(model, tokens, seq_len=128, n_windows=64, batch_size=16):
     return total / n_windows
 
 
+def optimizer_step(model, opt, loss, max_norm=1.0):
+    """Backward, clip the gradient norm, step; returns the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    opt.step()
+    return loss.item()
+
+
 def train_lm(model, tokens, steps, batch_size=16, seq_len=128, lr=5e-3, warmup=30, weight_decay=0.1,
              generator=None, log=print, log_every=None):
     """Language modelling on random windows of a token stream: AdamW, linear warmup then cosine decay
@@ -153,11 +162,7 @@ def train_lm(model, tokens, steps, batch_size=16, seq_len=128, lr=5e-3, warmup=3
             group["lr"] = lr_at(step, steps, lr, warmup)
         windows = random_windows(tokens, batch_size, seq_len, generator).to(device)  # (N, T)
         loss = lm_loss(model, windows)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, opt, loss))
         bar.update(1, extra=f"loss {losses[-1]:.3f}")
         if (step + 1) % log_every == 0 or step + 1 == steps:
             dt = time.time() - t0
@@ -261,11 +266,7 @@ def train_sequences(model, prompts, completions, steps=None, epochs=None, batch_
             group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
         loss, stats = sequence_loss(model, [prompts[i] for i in idx], [completions[i] for i in idx], objective,
                                     None if rejected is None else [rejected[i] for i in idx], alpha)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, opt, loss))
         bar.update(1, extra=f"loss {losses[-1]:.3f}")
         if (step + 1) % log_every == 0 or step + 1 == steps:
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
