@@ -383,17 +383,36 @@ def reference_logps(reference, items, micro_batch_size, device, dtype="float32",
     """Reference log-probs of every pair, (P, 2) [chosen, rejected]: one pass, so that a training run
     (or every run of a beta sweep) needs no reference model in memory."""
     reference.eval()
-    out = []
+    out = torch.zeros(len(items), 2)  # (P, 2)
     bar = Progress(len(items), label="reference log-probs", unit="pairs")
-    for i in range(0, len(items), micro_batch_size):
-        chunk = items[i:i + micro_batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, distinct=True).items()}
+    for mb in micro_batches(items, range(len(items)), micro_batch_size):  # similar lengths together
+        batch = {k: v.to(device) for k, v in collate_pairs([items[i] for i in mb], distinct=True).items()}
         with autocast(device, dtype):
             lp = batch_logps(reference, batch, average).float()  # (2B,)
-        out.append(torch.stack(lp.chunk(2), dim=1).cpu())  # (B, 2)
-        bar.update(len(chunk))
+        out[mb] = torch.stack(lp.chunk(2), dim=1).cpu()  # (B, 2)
+        bar.update(len(mb))
     bar.close()
-    return torch.cat(out)
+    return out
+
+
+def pair_length(it):
+    """Tokens in the longer row of a pair: its padded length in a batch."""
+    return len(it["prompt_ids"]) + max(len(it["chosen_ids"]), len(it["rejected_ids"]))
+
+
+def micro_batches(items, idx, micro_batch_size):
+    """Splits the pairs idx of one step into micro-batches of similar length (longest first), so that
+    variable-length data (HH) pads little: a micro-batch pads to its longest row. The step's gradient
+    is a sum over its pairs, so the split changes nothing but the padding. Pairs of one "group" (the
+    samples of one prompt) stay together, so their shared rows are still scored once."""
+    if micro_batch_size >= len(idx):
+        return [list(idx)]
+    key = {}
+    for i in idx:  # a group sorts by its longest pair
+        g = items[i].get("group", ("pair", i))
+        key[g] = max(key.get(g, 0), pair_length(items[i]))
+    order = sorted(idx, key=lambda i: (-key[items[i].get("group", ("pair", i))], str(items[i].get("group", i))))
+    return [order[m:m + micro_batch_size] for m in range(0, len(order), micro_batch_size)]
 
 
 def epoch_order(items, generator):
@@ -644,8 +663,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
         order = epoch_order(train_items, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]  # the data position is the step
         t0, n_tokens, sums, fault = time.time(), 0, {}, None
-        for m in range(0, cfg.batch_size, cfg.micro_batch_size):
-            mb = idx[m:m + cfg.micro_batch_size]
+        for m, mb in enumerate(micro_batches(train_items, idx, cfg.micro_batch_size)):
             batch = {k_: v.to(device) for k_, v in collate_pairs([train_items[i] for i in mb], distinct=True).items()}
             with autocast(device, dtype):
                 policy_logps = batch_logps(policy, batch, cfg.average_logps).float()  # (2B,) one forward
@@ -657,7 +675,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
             losses, cr, rr = loss_from_logps(cfg, policy_logps, ref, batch)
             if not torch.isfinite(losses).all():
                 bad = [i for i, ok in zip(mb, torch.isfinite(losses).tolist()) if not ok]
-                fault = (f"non-finite loss in micro-batch {m // cfg.micro_batch_size + 1} (training pairs {bad[:8]}, "
+                fault = (f"non-finite loss in micro-batch {m + 1} (training pairs {bad[:8]}, "
                          f"the first with prompt {train_pairs[bad[0]]['prompt'][:40]!r})")
                 break
             (losses.sum() / cfg.batch_size).backward()  # accumulating sums / batch = the full-batch mean

@@ -164,3 +164,19 @@ def test_distinct_rows_scored_once_give_the_same_logps_and_grouped_order():
     for g in set(runs):  # each group's pairs are contiguous
         pos = [p for p, r in enumerate(runs) if r == g]
         assert pos[-1] - pos[0] + 1 == len(pos)
+
+
+def test_micro_batches_sort_by_length_and_keep_groups():
+    import dpo
+    items = [{"prompt_ids": [1] * p, "chosen_ids": [2] * c, "rejected_ids": [3] * r, **({"group": g} if g is not None else {})}
+             for p, c, r, g in [(1, 5, 2, 0), (1, 1, 1, 0), (1, 9, 9, 1), (2, 1, 1, 1), (1, 3, 3, 2), (1, 2, 2, 2)]]
+    mbs = dpo.micro_batches(items, [5, 4, 3, 2, 1, 0], 2)
+    assert sorted(i for mb in mbs for i in mb) == list(range(6))  # a partition of the step
+    assert [sorted(mb) for mb in mbs] == [[2, 3], [0, 1], [4, 5]]  # groups whole, longest group first
+    plain = [dict(it) for it in items]
+    for it in plain:
+        it.pop("group")
+    mbs = dpo.micro_batches(plain, list(range(6)), 2)
+    lengths = [max(dpo.pair_length(plain[i]) for i in mb) for mb in mbs]
+    assert lengths == sorted(lengths, reverse=True) and [dpo.pair_length(plain[i]) for i in mbs[0]] == [10, 6]
+    assert dpo.micro_batches(plain, [3, 1], 8) == [[3, 1]]  # one micro-batch: the step's order as it is
