@@ -1,23 +1,47 @@
-"""Speed measurements, side by side in one run (this machine is shared and noisy: compare ratios).
+"""Speed, side by side in one run: this project against TRL's DPOTrainer and Hugging Face generate on the
+same work (same weights, data, optimiser, dtype and thread count). The machine is shared and noisy, so
+compare the ratios of one run, not figures from different runs.
 
-    python bench.py                 # every workload below, printed as a table and saved to bench.json
-    python bench.py sampling        # one workload
+    python bench.py --trl-python ../trl-venv/bin/python          # every workload; table + bench.json
+    python bench.py hh sweep                                    # some workloads (TRL sides skipped
+                                                                # when --trl-python is not given)
 
-Workloads (random-initialised weights, float32 on CPU / bfloat16 autocast on a GPU):
-    sampling   16 prompts x 48 new tokens, gpt2 shape: KV cache vs recomputing the whole sequence per step
-    dpo-step   8 pairs x (8 prompt + 48 response) tokens, gpt2 and 4x256 shapes: one DPO optimiser step,
-               tokens/s and achieved FLOP/s against this machine's measured matmul peak (8*N*T FLOPs a step)
+TRL and transformers are benchmark-only: install them in a separate virtual environment, e.g.
+    python -m venv ../trl-venv && ../trl-venv/bin/pip install torch==2.13.0 && \\
+        ../trl-venv/bin/pip install transformers==5.24.0 trl==1.16.0 accelerate datasets
+
+Workloads (random-initialised GPT-2-shaped models, float32 on CPU / bfloat16 on a GPU):
+    fixed     8 pairs a step, prompt 8 + responses 48 tokens; the gpt2 shape (12 x 768) and 4 x 256;
+              --steps steps after --warmup; ours (dpo.train) vs TRL's DPOTrainer, reference on the fly
+    hh        the first 256 pairs of the Anthropic HH sample (max length 512), 8 pairs a step in one
+              shared order: 32 steps, 4 x 256 shape; ours (length-sorted micro-batches, each prompt
+              computed once) vs TRL (pads every step to its longest row)
+    sweep     a beta sweep of 3 runs over those HH pairs: ours with the reference log-probs computed once
+              (--precompute-ref) vs the reference model run at every step
+    sampling  64 prompts (4-16 tokens) x 48 new tokens, gpt2 shape, temperature 1: ours (KV cache) vs
+              transformers' generate (KV cache) on the same weights
+    cache     16 prompts x 48 new tokens: ours with the KV cache vs recomputing the sequence every step
+
+Each side runs in its own process, so peak RSS (resident memory) is that side's alone. Achieved FLOP/s
+counts 8*N*T per DPO step (policy forward+backward 6NT, reference forward 2NT; N = parameters including
+the head, T = real tokens, prompt counted in both rows) over the step time, against a float32 (CPU) or
+bfloat16 (GPU) matmul measured in the same run; it is "useful" FLOP/s, so skipping work raises it.
 """
 import argparse
 import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-import dpo
-from model import GPT, GPTConfig
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = {"gpt2": (12, 12, 768), "4x256": (4, 4, 256)}
+EOS = 50256
 
 
 def matmul_peak(device, dtype, n=2048, reps=5):
@@ -34,91 +58,309 @@ def matmul_peak(device, dtype, n=2048, reps=5):
 
 
 def sync(device):
-    if device.startswith("cuda"):
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def bench_sampling(device, n_prompts=16, new_tokens=48, shape="gpt2"):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.named(shape)).to(device).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 50257, (int(torch.randint(4, 17, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(n_prompts)]
-    rows = []
-    for use_cache in (True, False):
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def pair_tokens(it):
+    """Real tokens of a pair as both sides compute them: the prompt in the chosen and the rejected row."""
+    return 2 * len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"])
+
+
+# ----------------------------------------------------------------------------------------------
+# workers: each runs in its own process and prints one line "RESULT {json}"
+
+def worker_ours_dpo(spec):
+    """dpo.train on the given pairs; returns per-step seconds (the trainer's own step timing)."""
+    import dpo
+    pairs = [dict(p, prompt="", chosen="", rejected="") for p in spec["pairs"]]
+    cfg = dpo.TrainConfig(model=spec["model"], out=spec["out"], optimizer="adamw", lr=1e-6, warmup_steps=0,
+                          batch_size=spec["batch"], micro_batch_size=spec["micro"], steps=spec["steps"],
+                          eval_every=10 ** 9, save_every=10 ** 9, overwrite=True, max_length=1024,
+                          max_prompt_length=1024, seed=0, device=spec["device"], beta=spec.get("beta", 0.1),
+                          share_prompt=spec.get("share_prompt", True))
+    ref_lp, t_ref = None, 0.0
+    if spec.get("precompute_ref"):
+        reference = dpo.load_model(spec["model"], cfg.device)
         t0 = time.perf_counter()
-        out, mask = model.generate(prompts, new_tokens, temperature=1.0, eos_id=-1, use_cache=use_cache,
-                                   generator=torch.Generator(device).manual_seed(1))
-        sync(device)
-        dt = time.perf_counter() - t0
-        rows.append({"workload": f"sampling {shape} {n_prompts}x{new_tokens}", "variant": "kv-cache" if use_cache else "no cache",
-                     "seconds": dt, "tokens_per_s": int(mask.sum()) / dt})
-    rows[0]["speedup"] = rows[1]["seconds"] / rows[0]["seconds"]
+        ref_lp = {"train": dpo.reference_logps(reference, pairs, spec["ref_micro"], cfg.device,
+                                               share_prompt=cfg.share_prompt), "eval": torch.zeros(0, 2)}
+        t_ref = time.perf_counter() - t0
+        del reference
+    _, history = dpo.train(cfg, train_pairs=pairs, eval_pairs=[], ref_lp=ref_lp, log=lambda s: None)
+    return {"step_s": [h["step_s"] for h in history], "ref_pass_s": t_ref, "peak_rss_gb": peak_rss_gb()}
+
+
+def worker_trl_dpo(spec):
+    """TRL's DPOTrainer on the same pairs in the same order (sequential sampler), reference model on the fly."""
+    import copy
+    import warnings
+    warnings.filterwarnings("ignore")
+    import datasets
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from trl import DPOConfig, DPOTrainer
+
+    # a word-level vocabulary "t0".."t50255" + "<|endoftext|>" = the GPT-2 ids exactly, so TRL's tokenisation
+    # of the text below gives back our token ids (checked after TRL prepares the dataset)
+    vocab = {f"t{i}": i for i in range(EOS)}
+    vocab["<|endoftext|>"] = EOS
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                     pad_token="<|endoftext|>")
+    text = lambda ids: " ".join("<|endoftext|>" if i == EOS else f"t{i}" for i in ids)
+    pairs = spec["pairs"]
+    ds = datasets.Dataset.from_list([{"prompt": text(p["prompt_ids"]), "chosen": " " + text(p["chosen_ids"]),
+                                      "rejected": " " + text(p["rejected_ids"])} for p in pairs])
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel.from_pretrained(spec["model"], dtype=torch.float32)
+    args = DPOConfig(output_dir=spec["out"], per_device_train_batch_size=spec["batch"], max_steps=spec["steps"],
+                     learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, beta=spec.get("beta", 0.1),
+                     bf16=False, fp16=False, gradient_checkpointing=False, report_to="none", logging_steps=10 ** 6,
+                     save_strategy="no", eval_strategy="no", max_length=None, use_cpu=spec["device"] == "cpu",
+                     dataloader_num_workers=0, seed=0, disable_tqdm=True, precompute_ref_log_probs=False)
+    times = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            sync(spec["device"])
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            sync(spec["device"])
+            times.append(time.perf_counter() - self.t0)
+
+    class InOrder(DPOTrainer):  # the pairs in the given order, as ours sees them
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
+                      processing_class=tokenizer, callbacks=[Timer()])
+    for i in (0, len(pairs) - 1):  # the exact token ids reach TRL
+        row = trainer.train_dataset[i]
+        assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == \
+               (pairs[i]["prompt_ids"], pairs[i]["chosen_ids"], pairs[i]["rejected_ids"]), "token ids differ"
+    trainer.train()
+    return {"step_s": times, "peak_rss_gb": peak_rss_gb()}
+
+
+def _prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, EOS, (int(torch.randint(4, 17, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def worker_ours_sample(spec):
+    from model import GPT
+    model = GPT.from_pretrained(spec["model"], device=spec["device"])
+    prompts = _prompts(spec["n_prompts"])
+    times = []
+    for use_cache in ([True] if spec.get("cache_only", True) else [True, False]):
+        t0 = time.perf_counter()
+        out, mask = model.generate(prompts, spec["new_tokens"], temperature=1.0, eos_id=-1, use_cache=use_cache,
+                                   generator=torch.Generator(spec["device"]).manual_seed(1))
+        sync(spec["device"])
+        times.append(time.perf_counter() - t0)
+        assert int(mask.sum()) == len(prompts) * spec["new_tokens"]
+    return {"seconds": times, "tokens": len(prompts) * spec["new_tokens"], "peak_rss_gb": peak_rss_gb()}
+
+
+def worker_hf_sample(spec):
+    import transformers
+    model = transformers.GPT2LMHeadModel.from_pretrained(spec["model"], dtype=torch.float32).to(spec["device"]).eval()
+    prompts = _prompts(spec["n_prompts"])
+    T = max(map(len, prompts))
+    ids = torch.tensor([[EOS] * (T - len(p)) + p for p in prompts], device=spec["device"])  # left padding
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=spec["device"])
+    torch.manual_seed(1)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], pad_token_id=EOS,
+                             use_cache=True)
+    sync(spec["device"])
+    dt = time.perf_counter() - t0
+    assert out.shape == (len(prompts), T + spec["new_tokens"])
+    return {"seconds": [dt], "tokens": len(prompts) * spec["new_tokens"], "peak_rss_gb": peak_rss_gb()}
+
+
+WORKERS = {"ours-dpo": worker_ours_dpo, "trl-dpo": worker_trl_dpo, "ours-sample": worker_ours_sample,
+           "hf-sample": worker_hf_sample}
+
+
+def run_worker(python, name, spec, tmp, threads):
+    """Runs one worker in a fresh process with the given thread count; returns its result dict."""
+    path = os.path.join(tmp, f"spec-{name}.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=HERE,
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([python, os.path.abspath(__file__), "--worker", name, "--spec", path],
+                          capture_output=True, text=True, env=env)
+    results = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not results:
+        sys.exit(f"error: worker {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(results[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# the workloads
+
+def make_model(shape, folder, device):
+    """A random-initialised GPT-2-shaped model written once in the Hugging Face layout: both sides load it."""
+    from model import GPT, GPTConfig
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):
+        torch.manual_seed(0)
+        n_layer, n_head, n_embd = SHAPES[shape]
+        GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).save_pretrained(folder)
+    return folder
+
+
+def n_params(shape):
+    n_layer, _, c = SHAPES[shape]
+    return 50257 * c + 1024 * c + n_layer * (12 * c * c + 13 * c) + 2 * c  # tied head counted once
+
+
+def fixed_pairs(n, prompt=8, response=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda k: torch.randint(0, EOS, (k,), generator=g).tolist()
+    return [{"prompt_ids": r(prompt), "chosen_ids": r(response - 1) + [EOS], "rejected_ids": r(response - 1) + [EOS]}
+            for _ in range(n)]
+
+
+def hh_pairs(n=256, max_length=512):
+    import data
+    import dpo
+    pairs = data.read_hh(os.path.join(os.environ.get("DPO_HH", os.path.join(HERE, "..", "shared", "data", "hh-rlhf")),
+                                      "harmless-base-test.jsonl.gz"))[:n]
+    items = [data.tokenize_pair(p["prompt"], p["chosen"], p["rejected"], max_length, max_length // 2) for p in pairs]
+    items = [{k: it[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for it in items]
+    order = dpo.epoch_order(items, torch.Generator().manual_seed(0))  # dpo.train's order for seed 0, epoch 0
+    return [items[i] for i in order]
+
+
+def dpo_row(workload, variant, res, pairs, batch, warmup, shape, peak):
+    """Tokens/s over the steps after warm-up (real tokens over summed step times) and FLOP/s fraction."""
+    steps = res["step_s"][warmup:]
+    tokens = sum(pair_tokens(p) for p in pairs[warmup * batch:(warmup + len(steps)) * batch])
+    seconds = sum(steps)
+    row = {"workload": workload, "variant": variant, "median_step_s": statistics.median(steps),
+           "tokens_per_s": tokens / seconds, "peak_rss_gb": res["peak_rss_gb"]}
+    if peak:
+        row["fraction_of_peak"] = 8 * n_params(shape) * tokens / seconds / peak
+    return row
+
+
+def with_ratio(rows, ours, other, key="tokens_per_s"):
+    rows[ours]["ratio"] = rows[ours][key] / rows[other][key]
     return rows
 
 
-def bench_dpo_step(device, shape, pairs=8, prompt=8, response=48, steps=5, peak=None):
-    torch.manual_seed(0)
-    cfg = GPTConfig.named("gpt2") if shape == "gpt2" else GPTConfig(n_layer=4, n_head=4, n_embd=256)
-    policy = GPT(cfg).to(device).train()
-    reference = GPT(cfg).to(device).eval().requires_grad_(False)
-    reference.load_state_dict(policy.state_dict())
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50257, (2 * pairs, prompt + response), generator=g)
-    ids[pairs:, :prompt] = ids[:pairs, :prompt]  # chosen and rejected share the prompt
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    mask[:, prompt:] = True
-    batch = {"input_ids": ids.to(device), "loss_mask": mask.to(device)}
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    times = []
-    for i in range(steps + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        with dpo.autocast(device, dtype):
-            lp = dpo.batch_logps(policy, batch).float()
-            with torch.no_grad():
-                ref = dpo.batch_logps(reference, batch).float()
-        pc, pr = lp.chunk(2)
-        rc, rr = ref.chunk(2)
-        losses, _, _ = dpo.preference_loss(pc, pr, rc, rr, beta=0.1)
-        losses.mean().backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    t = statistics.median(times[1:])
-    n_tokens = ids.numel()
-    flops = 8 * policy.num_params() * n_tokens
-    row = {"workload": f"dpo-step {shape} {pairs}x({prompt}+{response})", "variant": "ours",
-           "seconds": t, "tokens_per_s": n_tokens / t, "params_M": policy.num_params() / 1e6}
-    if peak:
-        row["flops_fraction_of_peak"] = flops / t / peak
-    return [row]
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="speed benchmarks")
-    parser.add_argument("workloads", nargs="*", default=["sampling", "dpo-step"], help="sampling, dpo-step")
-    parser.add_argument("--device", default="auto", help="cuda, mps or cpu (auto: the first available)")
+    parser = argparse.ArgumentParser(description="speed: ours vs TRL's DPOTrainer and HF generate, side by side")
+    parser.add_argument("workloads", nargs="*", default=["fixed", "hh", "sweep", "sampling"],
+                        help="fixed, hh, sweep, sampling, cache")
+    parser.add_argument("--trl-python", default=None, help="python of a virtual environment with trl and transformers")
+    parser.add_argument("--shapes", default="gpt2,4x256", help="model shapes for the fixed workload")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of the fixed workload")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--hh-micro", type=int, default=1, help="our micro-batch (pairs) on HH")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of every side")
+    parser.add_argument("--device", default="auto", help="cuda, mps or cpu")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:  # inside a worker process
+        with open(args.spec) as f:
+            spec = json.load(f)
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        print("RESULT " + json.dumps(WORKERS[args.worker](spec)), flush=True)
+        return
+
+    import dpo
     device = dpo.pick_device(args.device)
+    torch.set_num_threads(args.threads)
     peak = matmul_peak(device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    print(f"device {device} | threads {torch.get_num_threads()} | matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"device {device} | threads {args.threads} | matmul peak {peak / 1e9:.0f} GFLOP/s | "
+          f"TRL: {args.trl_python or 'not given (ours only)'}", flush=True)
+    tmp = tempfile.mkdtemp(prefix="dpo-bench-")
     rows = []
+
+    def show(new):
+        for r in new:
+            print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)
+        rows.extend(new)
+
+    def dpo_pair(workload, shape, pairs, steps, warmup, micro, **extra):
+        model = make_model(shape, os.path.join(tmp, shape), device)
+        spec = {"model": model, "pairs": pairs, "batch": 8, "steps": steps, "device": device,
+                "out": os.path.join(tmp, "run"), **extra}
+        new = [dpo_row(workload, "ours", run_worker(sys.executable, "ours-dpo", dict(spec, micro=micro), tmp, args.threads),
+                       pairs, 8, warmup, shape, peak)]
+        if args.trl_python:
+            new.append(dpo_row(workload, "trl", run_worker(args.trl_python, "trl-dpo", spec, tmp, args.threads),
+                               pairs, 8, warmup, shape, peak))
+            with_ratio(new, 0, 1)
+        show(new)
+
     for w in args.workloads:
-        if w == "sampling":
-            rows += bench_sampling(device)
-        elif w == "dpo-step":
-            rows += bench_dpo_step(device, "gpt2", peak=peak) + bench_dpo_step(device, "4x256", peak=peak)
+        if w == "fixed":
+            for shape in args.shapes.split(","):
+                n = args.warmup + args.steps
+                dpo_pair(f"fixed {shape} 8x(8+48)", shape, fixed_pairs(8 * n), n, args.warmup, 8)
+        elif w == "hh":
+            pairs = hh_pairs()
+            dpo_pair("hh 4x256 256 pairs", "4x256", pairs, len(pairs) // 8, 2, args.hh_micro)
+        elif w == "sweep":
+            pairs, shape = hh_pairs(), "4x256"
+            model = make_model(shape, os.path.join(tmp, shape), device)
+            spec = {"model": model, "pairs": pairs, "batch": 8, "steps": len(pairs) // 8, "device": device,
+                    "out": os.path.join(tmp, "run"), "micro": args.hh_micro, "ref_micro": 8}
+            totals = {}
+            for variant, pre in (("ours, reference cached once", True), ("ours, reference on the fly", False)):
+                total, rss = 0.0, 0.0
+                for i, beta in enumerate((0.05, 0.1, 0.5)):
+                    res = run_worker(sys.executable, "ours-dpo", dict(spec, beta=beta, precompute_ref=pre and i == 0),
+                                     tmp, args.threads)
+                    total += sum(res["step_s"]) + res["ref_pass_s"]
+                    rss = max(rss, res["peak_rss_gb"])
+                totals[variant] = {"workload": "sweep hh 4x256, 3 betas", "variant": variant, "seconds": total,
+                                   "peak_rss_gb": rss}
+            new = list(totals.values())
+            new[0]["ratio"] = new[1]["seconds"] / new[0]["seconds"]
+            show(new)
+        elif w == "sampling":
+            model = make_model("gpt2", os.path.join(tmp, "gpt2"), device)
+            spec = {"model": model, "n_prompts": 64, "new_tokens": 48, "device": device}
+            res = run_worker(sys.executable, "ours-sample", spec, tmp, args.threads)
+            new = [{"workload": "sampling gpt2 64x48", "variant": "ours (KV cache)", "seconds": res["seconds"][0],
+                    "tokens_per_s": res["tokens"] / res["seconds"][0], "peak_rss_gb": res["peak_rss_gb"]}]
+            if args.trl_python:
+                res = run_worker(args.trl_python, "hf-sample", spec, tmp, args.threads)
+                new.append({"workload": "sampling gpt2 64x48", "variant": "transformers generate", "seconds": res["seconds"][0],
+                            "tokens_per_s": res["tokens"] / res["seconds"][0], "peak_rss_gb": res["peak_rss_gb"]})
+                with_ratio(new, 0, 1)
+            show(new)
+        elif w == "cache":
+            model = make_model("gpt2", os.path.join(tmp, "gpt2"), device)
+            res = run_worker(sys.executable, "ours-sample", {"model": model, "n_prompts": 16, "new_tokens": 48,
+                                                              "device": device, "cache_only": False}, tmp, args.threads)
+            new = [{"workload": "sampling gpt2 16x48", "variant": v, "seconds": s, "tokens_per_s": res["tokens"] / s}
+                   for v, s in zip(("ours, KV cache", "ours, no cache"), res["seconds"])]
+            show(with_ratio(new, 0, 1))
         else:
-            sys.exit(f"error: unknown workload {w!r}; use sampling or dpo-step")
-    for r in rows:
-        print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+            sys.exit(f"error: unknown workload {w!r}; use fixed, hh, sweep, sampling or cache")
     with open(args.out, "w") as f:
-        json.dump({"device": device, "threads": torch.get_num_threads(), "matmul_peak_flops": peak, "rows": rows}, f, indent=1)
+        json.dump({"device": device, "threads": args.threads, "matmul_peak_flops": peak,
+                   "command": "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows},
+                  f, indent=1)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

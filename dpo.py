@@ -69,6 +69,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -77,10 +78,14 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
-from data import EOS, collate_pairs, decode, read_hh, read_imdb, read_jsonl_pairs, tokenize_pair
-from model import GPT, GPTConfig, InputError, Progress, keep_freed_memory, token_logps
+from data import EOS, collate_pairs, decode, epoch_order, read_hh, read_imdb, read_jsonl_pairs, tokenize_pair
+from model import (GPT, GPTConfig, InputError, Progress, add_lora, config_from_hf, keep_freed_memory,
+                   load_lora_state_dict, load_safetensors, lora_disabled, lora_merged, lora_state_dict,
+                   save_safetensors, token_logps)
 
 LOSS_TYPES = ("dpo", "cdpo", "robust", "ipo", "hinge", "lndpo", "simpo")
 
@@ -329,6 +334,21 @@ class TrainConfig:
     save_every: int = field(500, "write the checkpoint every N steps (and at the end)")
     keep_checkpoints: bool = field(False, "also keep a copy of every saved checkpoint as step-N/")
     precompute_ref: bool = field(False, "one pass computes all reference log-probs, then the reference model is freed")
+    weights_dtype: str = field("float32", "float32 or bfloat16: the dtype the policy and reference are loaded in "
+                               "(shard by shard, never a float32 copy). bfloat16 halves weight memory; gradients "
+                               "and optimiser state take the parameters' dtype, so full fine-tuning at lr 1e-6 "
+                               "loses most updates to bfloat16 rounding: pair it with --lora-rank")
+    grad_checkpoint: bool = field(False, "activation checkpointing: keep only each block's input and recompute the "
+                                  "block in backward (activations ~L times smaller, one extra forward of compute)")
+    lora_rank: int = field(0, "LoRA (Hu et al. 2021) adapters of this rank on every block's attention and MLP "
+                           "projections; base weights frozen, the reference is the base with the adapters off "
+                           "(no second model); 0 = full fine-tuning")
+    lora_alpha: float = field(0.0, "LoRA scale numerator: the update is (alpha / rank) B A; 0 = the rank (scale 1)")
+    lora_dropout: float = field(0.0, "dropout on the LoRA input (training only)")
+    fsdp: bool = field(False, "under torchrun: shard parameters, gradients and optimiser state over the processes "
+                       "(PyTorch FSDP, fully_shard per block); otherwise each process holds a full copy (DDP)")
+    estimate_memory: bool = field(False, "print the memory arithmetic for --model (comma-separated: a table) and "
+                                  "these flags on 24/40/80 GB cards, then exit; nothing is loaded or downloaded")
     resume: bool = field(False, "continue from OUT/checkpoint exactly where it stopped")
     overwrite: bool = field(False, "start afresh even if OUT holds a run")
     stop_after: int = field(0, "exit after N steps of this invocation (for time-boxed jobs and resume tests)")
@@ -352,39 +372,117 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
-def load_model(spec, device, seed=0):
-    """A hub name, a folder, or random:L,H,C (random weights, seeded)."""
+def random_config(spec):
+    """GPTConfig of a random:LAYERS,HEADS,CHANNELS model spec."""
+    try:
+        n_layer, n_head, n_embd = (int(v) for v in spec[len("random:"):].split(","))
+    except ValueError:
+        raise InputError(f"--model {spec}: write random:LAYERS,HEADS,CHANNELS, e.g. random:2,2,64") from None
+    if min(n_layer, n_head, n_embd) < 1 or n_embd % n_head:
+        raise InputError(f"--model {spec}: layers, heads and channels must be >= 1 and the channels a multiple "
+                         f"of the heads, e.g. random:2,2,64")
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
+def load_model(spec, device, seed=0, dtype=torch.float32):
+    """A hub name, a folder, or random:L,H,C (random weights, seeded), with its weights in `dtype` on `device`.
+    Checkpoints are read shard by shard straight into `dtype` (GPT.from_pretrained): never a float32 copy."""
     if spec.startswith("random:"):
-        try:
-            n_layer, n_head, n_embd = (int(v) for v in spec[len("random:"):].split(","))
-        except ValueError:
-            raise InputError(f"--model {spec}: write random:LAYERS,HEADS,CHANNELS, e.g. random:2,2,64") from None
-        if min(n_layer, n_head, n_embd) < 1 or n_embd % n_head:
-            raise InputError(f"--model {spec}: layers, heads and channels must be >= 1 and the channels a multiple "
-                             f"of the heads, e.g. random:2,2,64")
+        config = random_config(spec)
         torch.manual_seed(seed)
-        return GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).to(device)
-    return GPT.from_pretrained(spec, device=device)
+        return GPT(config).to(device=device, dtype=dtype)
+    return GPT.from_pretrained(spec, dtype=dtype, device=device)
 
 
 def batch_logps(model, batch, average=False):
     """One concatenated forward of the 2B rows (chosen then rejected): log pi(y|x) per row, (2B,).
     The head runs on response positions only (GPT.logps); equal to sequence_logps(model(ids), ids, mask).
     A batch from collate_pairs(..., distinct=True) scores each distinct row once and maps it back."""
-    token = model.logps(batch["input_ids"], batch["loss_mask"])  # (N, T)
+    if "response_ids" in batch:  # a collate_shared batch: each prompt computed once
+        return shared_prompt_logps(model, batch, average)
+    logps_of = model.logps if isinstance(model, GPT) else model  # a LogpsModule (or DDP/FSDP around one)
+    token = logps_of(batch["input_ids"], batch["loss_mask"])  # (N, T)
     logps = token.sum(-1)  # (N,)
     if average:
         logps = logps / batch["loss_mask"].sum(-1).clamp(min=1)
     return logps[batch["row_index"]] if "row_index" in batch else logps  # (2B,)
 
 
+class SharedPrompt:
+    """Stands in for the KV cache in GPT.forward so that a prompt is computed once for every response that
+    follows it (chosen and rejected, or all 4 IMDb samples), with gradients flowing through both passes.
+    First pass (recording): each layer's prompt keys/values are kept. Second pass: each response row's
+    keys/values are its prompt's, index-selected (row_prompt), followed by its own."""
+
+    def __init__(self, row_prompt):
+        self.row_prompt, self.k, self.v, self.pos, self.recording = row_prompt, [], [], 0, True
+
+    def update(self, layer, k, v):  # k, v: (B, nh, T, hs)
+        if self.recording:
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        return (torch.cat([self.k[layer][self.row_prompt], k], dim=2),  # (N, nh, P+T, hs)
+                torch.cat([self.v[layer][self.row_prompt], v], dim=2))
+
+
+def collate_shared(items, pad_id=EOS):
+    """Like collate_pairs(distinct=True), with each distinct prompt stored once:
+        prompt_ids (B', P) right-padded, prompt_lens (B',); response_ids (N, R) right-padded,
+        response_lens (N,), row_prompt (N,) the prompt of each distinct row; row_index (2B,) the distinct
+        row of each pair row (chosen rows 0..B-1, then rejected rows B..2B-1)."""
+    prompts, rows, row_index = {}, {}, []
+    for side in ("chosen_ids", "rejected_ids"):
+        for it in items:
+            p = prompts.setdefault(tuple(it["prompt_ids"]), len(prompts))
+            row_index.append(rows.setdefault((p, tuple(it[side])), len(rows)))
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: the first response token would have nothing to be predicted from")
+    def pad(seqs):
+        out = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        return out, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    prompt_ids, prompt_lens = pad(list(prompts))
+    response_ids, response_lens = pad([r for _, r in rows])
+    return {"prompt_ids": prompt_ids, "prompt_lens": prompt_lens, "response_ids": response_ids,
+            "response_lens": response_lens, "row_prompt": torch.tensor([p for p, _ in rows], dtype=torch.long),
+            "row_index": torch.tensor(row_index, dtype=torch.long)}
+
+
+def shared_prompt_logps(model, batch, average=False):
+    """log pi(y|x) per pair row, (2B,), from a collate_shared batch: the prompts run once (B' rows), then
+    the N distinct responses attend to their prompt's keys. Same result as batch_logps on the
+    collate_pairs batch (tested); on Anthropic HH, where prompts are ~70% of the tokens, about a third
+    less work. The head runs on response tokens only; the first one is predicted by the prompt's last
+    hidden state."""
+    prompt_ids, response_ids = batch["prompt_ids"], batch["response_ids"]  # (B', P), (N, R)
+    row_prompt, device = batch["row_prompt"], prompt_ids.device
+    prefix = SharedPrompt(row_prompt)
+    h = model(prompt_ids, cache=prefix, return_hidden=True)  # (B', P, C) right padding: plain causal kernel
+    last = h[torch.arange(len(h), device=device), batch["prompt_lens"] - 1]  # (B', C)
+    prefix.recording = False
+    P, R = prompt_ids.size(1), response_ids.size(1)
+    prompt_mask = torch.arange(P, device=device) < batch["prompt_lens"][:, None]  # (B', P)
+    response_mask = torch.arange(R, device=device) < batch["response_lens"][:, None]  # (N, R)
+    mask = torch.cat([prompt_mask[row_prompt], response_mask], 1)  # (N, P+R) padded prompt keys are masked
+    hr = model(response_ids, attention_mask=mask, cache=prefix, return_hidden=True)  # (N, R, C)
+    hidden = torch.cat([last[row_prompt, None], hr[:, :-1]], 1)  # (N, R, C): position j predicts token j
+    lp = token_logps(model.lm_head(hidden[response_mask]), response_ids[response_mask])  # (M,)
+    rows = torch.arange(len(response_ids), device=device).unsqueeze(1).expand(-1, R)[response_mask]  # (M,)
+    logps = torch.zeros(len(response_ids), dtype=lp.dtype, device=device).index_add(0, rows, lp)  # (N,)
+    if average:
+        logps = logps / batch["response_lens"].clamp(min=1)
+    return logps[batch["row_index"]]  # (2B,)
+
+
 @torch.no_grad()
-def reference_logps(reference, items, micro_batch_size, device, dtype="float32", average=False):
+def reference_logps(reference, items, micro_batch_size, device, dtype="float32", average=False, show=True):
     """Reference log-probs of every pair, (P, 2) [chosen, rejected]: one pass, so that a training run
-    (or every run of a beta sweep) needs no reference model in memory."""
+    (or every run of a beta sweep) needs no reference model in memory. show=False: no progress line."""
     reference.eval()
     out = torch.zeros(len(items), 2)  # (P, 2)
-    bar = Progress(len(items), label="reference log-probs", unit="pairs")
+    bar = Progress(len(items), label="reference log-probs", unit="pairs", stream=None if show else io.StringIO())
     for mb in micro_batches(items, range(len(items)), micro_batch_size):  # similar lengths together
         batch = {k: v.to(device) for k, v in collate_pairs([items[i] for i in mb], distinct=True).items()}
         with autocast(device, dtype):
@@ -413,18 +511,6 @@ def micro_batches(items, idx, micro_batch_size):
         key[g] = max(key.get(g, 0), pair_length(items[i]))
     order = sorted(idx, key=lambda i: (-key[items[i].get("group", ("pair", i))], str(items[i].get("group", i))))
     return [order[m:m + micro_batch_size] for m in range(0, len(order), micro_batch_size)]
-
-
-def epoch_order(items, generator):
-    """A shuffled order of the pairs. Pairs with a "group" key (the pairs formed from the samples of one
-    prompt) stay together, so that a micro-batch holding a whole group scores each sample once."""
-    if "group" not in items[0]:
-        return torch.randperm(len(items), generator=generator).tolist()
-    groups = {}
-    for i, it in enumerate(items):
-        groups.setdefault(it["group"], []).append(i)
-    keys = list(groups)
-    return [i for g in torch.randperm(len(keys), generator=generator).tolist() for i in groups[keys[g]]]
 
 
 def load_pairs(cfg):
@@ -502,6 +588,23 @@ def check_config(cfg):
         raise InputError(f"--max-prompt-length {cfg.max_prompt_length} must be below --max-length {cfg.max_length}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise InputError(f"--dtype {cfg.dtype}: use auto, float32, bfloat16 or float16")
+    if cfg.weights_dtype not in ("float32", "bfloat16"):
+        raise InputError(f"--weights-dtype {cfg.weights_dtype}: use float32 or bfloat16")
+    if cfg.lora_rank < 0 or not cfg.lora_alpha >= 0 or not 0 <= cfg.lora_dropout < 1:
+        raise InputError(f"--lora-rank {cfg.lora_rank} --lora-alpha {cfg.lora_alpha} --lora-dropout {cfg.lora_dropout}: "
+                         f"the rank must be >= 0 (0 = off), alpha >= 0 and the dropout in [0, 1)")
+    if cfg.lora_rank and cfg.ref:
+        raise InputError(f"--ref {cfg.ref} with --lora-rank: the LoRA reference is the base model with its adapters "
+                         f"off; drop --ref")
+    if cfg.lora_rank and cfg.fsdp:
+        raise InputError("--lora-rank with --fsdp is not supported: the frozen base fits where the adapters train; "
+                         "drop --fsdp (each process then holds the base, DDP syncs the adapters)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.fsdp and world == 1:
+        raise InputError("--fsdp shards over several processes: launch with torchrun --nproc_per_node=N dpo.py ...")
+    if cfg.batch_size % world:
+        raise InputError(f"--batch-size {cfg.batch_size} does not split over {world} processes: use a multiple of "
+                         f"{world} (it is the global batch)")
     kind = cfg.device.split(":")[0]
     if kind not in ("auto", "cpu", "cuda", "mps"):
         raise InputError(f"--device {cfg.device}: use auto, cpu, cuda (or cuda:N) or mps")
@@ -510,29 +613,41 @@ def check_config(cfg):
         raise InputError(f"--device {cfg.device}: this machine has no such device; use --device cpu (or auto)")
 
 
-def evaluate_pairs(cfg, policy, items, ref_lp, device, dtype):
-    """Held-out loss, implicit-reward accuracy and margin."""
+def evaluate_pairs(cfg, policy, items, ref_lp, device, dtype, rank=0, world=1):
+    """Held-out loss, implicit-reward accuracy and margin. Under torchrun each process scores its share
+    of the pairs (shard) and the sums are added over the processes."""
+    share, n_real = shard(len(items), rank, world)
     policy.eval()
-    losses, acc, margins = [], [], []
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, accuracy, margin
     with torch.no_grad():
-        for i in range(0, len(items), cfg.micro_batch_size):
-            batch = {k: v.to(device) for k, v in collate_pairs(items[i:i + cfg.micro_batch_size], distinct=True).items()}
+        for i in range(0, len(share), cfg.micro_batch_size):
+            ids = share[i:i + cfg.micro_batch_size]
+            batch = {k: v.to(device) for k, v in collate_pairs([items[j] for j in ids], distinct=True).items()}
             with autocast(device, dtype):
                 lp = batch_logps(policy, batch, cfg.average_logps).float()
-            loss, cr, rr = loss_from_logps(cfg, lp, ref_lp[i:i + cfg.micro_batch_size].to(device), batch)
-            losses.append(loss)
-            acc.append((cr > rr).float())
-            margins.append(cr - rr)
+            loss, cr, rr = loss_from_logps(cfg, lp, ref_lp[ids].to(device), batch)
+            real = (torch.arange(i, i + len(ids)) < n_real).to(device)  # padding of the last share counts 0
+            sums += torch.stack([loss[real].sum(), (cr > rr)[real].float().sum(), (cr - rr)[real].sum()]).double().cpu()
     policy.train()
-    cat = lambda xs: torch.cat(xs).mean().item()
-    return {"eval/loss": cat(losses), "eval/accuracy": cat(acc), "eval/margin": cat(margins)}
+    if world > 1:
+        sums = all_reduce_sum(dict(enumerate(sums.tolist())), device)
+        sums = torch.tensor(list(sums.values()), dtype=torch.float64)
+    loss, acc, margin = (sums / max(len(items), 1)).tolist()
+    return {"eval/loss": loss, "eval/accuracy": acc, "eval/margin": margin}
 
 
 def save_checkpoint(folder, policy, state):
     """Model (HF layout) + train_state.pt in one folder, swapped in atomically: a kill at any moment
-    leaves either the previous checkpoint or this one, never a mixture."""
+    leaves either the previous checkpoint or this one, never a mixture. A LoRA policy is saved with its
+    adapters merged into the weights, W + (alpha/r) B A, and the adapters alone in adapters.safetensors."""
     tmp = folder.rstrip("/") + ".writing"
-    policy.save_pretrained(tmp)  # itself atomic: tmp appears complete or not at all
+    adapters = lora_state_dict(policy)
+    if adapters:  # LoRA: the merged model (any HF loader reads it) plus the adapters alone, for --resume
+        with lora_merged(policy, device="cpu"):
+            policy.save_pretrained(tmp)  # itself atomic: tmp appears complete or not at all
+        save_safetensors(adapters, os.path.join(tmp, "adapters.safetensors"))
+    else:
+        policy.save_pretrained(tmp)
     torch.save(state, os.path.join(tmp, "train_state.pt.tmp"))
     os.replace(os.path.join(tmp, "train_state.pt.tmp"), os.path.join(tmp, "train_state.pt"))
     old = folder.rstrip("/") + ".old"
@@ -551,6 +666,109 @@ def recover_checkpoint(folder):
         os.replace(new, folder)
 
 
+# ----------------------------------------------------------------------------------------------
+# Many processes: `torchrun --nproc_per_node=N dpo.py ...` (N GPUs, or N CPU processes with gloo).
+# --batch-size stays the GLOBAL batch: each process takes its contiguous 1/N of every step's pairs, and the
+# gradient is the same sum over all pairs / batch_size as in one process. Metrics are summed over the
+# processes; only process 0 logs and writes metrics.jsonl and checkpoints.
+
+def init_processes(device):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group, NCCL on CUDA and
+    gloo on CPU; each process takes GPU number LOCAL_RANK. One process: (0, 1, device), nothing to join."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard(n, rank, world):
+    """This process's contiguous share of n items: (indices, how many are real). Every process gets
+    ceil(n / world) indices, the last share padded with repeats of item 0 (to be ignored), so that all
+    run the same number of forward passes: FSDP's collectives need every process in every forward."""
+    size = -(-n // world)
+    real = list(range(rank * size, min(n, (rank + 1) * size)))
+    return real + [0] * (size - len(real)), len(real)
+
+
+def all_reduce_sum(values, device):
+    """{key: number} summed over the processes (every process passes the same keys, in the same order)."""
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
+def reference_logps_all(reference, items, micro_batch_size, device, dtype, average, rank=0, world=1):
+    """reference_logps of every pair, (P, 2). With several processes each scores its share and the shares
+    are all-gathered, so that every process ends with the whole table."""
+    if world == 1:
+        return reference_logps(reference, items, micro_batch_size, device, dtype, average)
+    share, _ = shard(len(items), rank, world)
+    if not share:
+        return torch.zeros(0, 2)
+    mine = reference_logps(reference, [items[i] for i in share], micro_batch_size, device, dtype, average,
+                           show=rank == 0).to(device)  # (S, 2); NCCL gathers GPU tensors
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return torch.cat(parts).cpu()[:len(items)]  # shares are contiguous: the padding is at the end
+
+
+class LogpsModule(nn.Module):
+    """GPT.logps as the forward() of a module. DistributedDataParallel synchronises gradients, and FSDP
+    gathers parameters, around the forward() of the module they wrap; GPT.forward returns logits, not the
+    response log-probs DPO needs, and the output head runs after it. Wrapping this puts all of it inside."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, target_mask):
+        return self.model.logps(idx, target_mask)  # (N, T)
+
+
+def wrap_for_processes(model, device, fsdp):
+    """A GPT ready for several processes, as a LogpsModule that batch_logps calls.
+
+    DDP (default): every process holds the whole model; during backward the gradients are averaged over
+    the processes in buckets, overlapping with the computation. Costs one all-reduce of the gradients a step.
+    FSDP (--fsdp): fully_shard on every block, then on the whole: each process keeps 1/N of the parameters,
+    gradients and optimiser state, and all-gathers a block's weights only while that block runs (forward
+    and again in backward), then reduce-scatters its gradients. Costs ~1.5x DDP's communication."""
+    wrapped = LogpsModule(model)
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
+        for block in model.h:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(wrapped, mesh=mesh)
+    return nn.parallel.DistributedDataParallel(wrapped, device_ids=[device] if device.startswith("cuda") else None)
+
+
+def gathered_model(policy, wrapped):
+    """An ordinary GPT with the full weights of an FSDP-sharded policy, on process 0 (None elsewhere), for
+    save_pretrained. Every process must call it: the shards are gathered (into host memory)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        model = GPT(policy.config)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, assign=True)
+    if policy.config.tie_word_embeddings:
+        model.lm_head.weight = model.wte.weight
+    return model
+
+
+def _local(t):
+    """This process's part of a tensor (an FSDP parameter is a DTensor: its local shard)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, log=print):
     """Trains a policy with a preference loss. Returns (policy, list of per-step metric dicts).
 
@@ -560,11 +778,18 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
 
     Faults: bad input raises InputError before anything is trained; a non-finite loss or gradient raises
     TrainingError naming the step and the pairs, before the weights change (cfg.skip_nonfinite: the batch
-    is skipped and counted instead); weights are checked finite before every save."""
+    is skipped and counted instead); weights are checked finite before every save.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this function on its share of each step's pairs:
+    see "Many processes" above; the metrics equal a one-process run's on the same global batch."""
     check_config(cfg)
     device, dtype = pick_device(cfg.device), cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    rank, world, device = init_processes(device)
+    if rank != 0:
+        log = lambda *a, **k: None  # noqa: E731  (process 0 speaks for all)
+    weights_dtype = getattr(torch, cfg.weights_dtype)
     ckpt = os.path.join(cfg.out, "checkpoint")
     recover_checkpoint(ckpt)
     if os.path.exists(ckpt) and not (cfg.resume or cfg.overwrite):
@@ -579,7 +804,8 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
             raise InputError(f"{ckpt}/train_state.pt: cannot read it ({str(e).splitlines()[0][:80]}); the file is "
                              f"damaged: restore it, or start afresh with --overwrite") from None
         saved = state.get("config", {})
-        changed = [k for k in ("model", "ref", "optimizer", "batch_size", "seed")  # a change breaks exact resume
+        changed = [k for k in ("model", "ref", "optimizer", "batch_size", "seed", "weights_dtype", "lora_rank", "fsdp")
+                   # a change breaks exact resume (the number of processes may change: the global batch is the same)
                    if saved.get(k, getattr(cfg, k)) != getattr(cfg, k)]
         if changed:
             was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
@@ -587,8 +813,8 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
                              f"or choose another --out")
     try:  # unwritable, or under a file: found now, not at the first checkpoint
         os.makedirs(cfg.out, exist_ok=True)
-        open(os.path.join(cfg.out, ".write-test"), "w").close()
-        os.remove(os.path.join(cfg.out, ".write-test"))
+        open(os.path.join(cfg.out, f".write-test{rank}"), "w").close()
+        os.remove(os.path.join(cfg.out, f".write-test{rank}"))
     except OSError as e:
         raise InputError(f"--out {cfg.out}: cannot write there ({e.strerror}: {e.filename}); "
                          f"choose another --out") from None
@@ -602,16 +828,33 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
         raise InputError(f"only {len(train_items)} training pairs, fewer than --batch-size {cfg.batch_size}; "
                          f"lower --batch-size or add data")
 
-    policy = load_model(cfg.resume and ckpt or cfg.model, device, cfg.seed)
+    lora = cfg.lora_rank > 0
+    load_device = "cpu" if cfg.fsdp else device  # FSDP moves each process's shards to the GPU as it shards
+    # LoRA resumes from the base model plus the saved adapters: the checkpoint's weights are merged ones
+    policy = load_model(cfg.resume and not lora and ckpt or cfg.model, load_device, cfg.seed, weights_dtype)
+    if lora:
+        add_lora(policy, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout)
+        if cfg.resume:
+            path = os.path.join(ckpt, "adapters.safetensors")
+            if not os.path.exists(path):
+                raise InputError(f"--resume: {path} is missing: the run was not trained with --lora-rank, or the "
+                                 f"checkpoint is incomplete; restore it or start afresh with --overwrite")
+            load_lora_state_dict(policy, load_safetensors(path), path)
+    policy.grad_checkpoint = cfg.grad_checkpoint  # read by GPT.forward
     if reference is None and ref_lp is None:
-        if cfg.ref:
-            reference = load_model(cfg.ref, device, cfg.seed)
+        if lora:
+            reference = policy  # with its adapters switched off (lora_disabled): the frozen base model
+        elif cfg.ref:
+            reference = load_model(cfg.ref, load_device, cfg.seed, weights_dtype)
         elif cfg.resume:
-            reference = load_model(cfg.model, device, cfg.seed)
+            reference = load_model(cfg.model, load_device, cfg.seed, weights_dtype)
+        elif cfg.precompute_ref:
+            reference = policy  # untrained yet, the policy is the reference: the one pass needs no copy
         else:
             reference = copy.deepcopy(policy)
-    if reference is not None:
+    if reference is not None and reference is not policy:
         reference.eval().requires_grad_(False)  # frozen: never trained, never in the optimiser
+    reference_mode = (lambda: lora_disabled(policy)) if lora else contextlib.nullcontext
     longest = max(len(it["prompt_ids"]) + max(len(it["chosen_ids"]), len(it["rejected_ids"]))
                   for it in train_items + eval_items)
     for spec, m in ((cfg.resume and ckpt or cfg.model, policy), (cfg.ref or "the reference model", reference)):
@@ -627,65 +870,102 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
     if free < need:
         raise InputError(f"--out {cfg.out}: {free / 1e9:.2f} GB free, but checkpoints need about {need / 1e9:.2f} GB "
                          f"(the previous and the new one while saving); free some space or choose another --out")
-    policy.train()
+    if cfg.weights_dtype != "float32" and not lora:
+        log(f"note: --weights-dtype {cfg.weights_dtype} without --lora-rank: the optimiser state is {cfg.weights_dtype} "
+            f"too, and an update smaller than ~0.4% of a weight rounds away (lr {cfg.lr:g})")
+    fwd = policy if world == 1 else wrap_for_processes(policy, device, cfg.fsdp)  # what computes log pi(y|x)
+    if reference is policy:
+        ref_fwd = fwd if cfg.fsdp else policy  # a no-grad forward of a full copy needs no wrapper
+    else:
+        ref_fwd = wrap_for_processes(reference, device, True) if reference is not None and cfg.fsdp else reference
     if ref_lp is None and cfg.precompute_ref:
-        ref_lp = {"train": reference_logps(reference, train_items, cfg.micro_batch_size, device, dtype, cfg.average_logps),
-                  "eval": reference_logps(reference, eval_items, cfg.micro_batch_size, device, dtype, cfg.average_logps)}
-        reference = None  # freed: training holds only the policy
+        with reference_mode():
+            ref_lp = {name: reference_logps_all(ref_fwd, items, cfg.micro_batch_size, device, dtype, cfg.average_logps,
+                                                rank, world) for name, items in (("train", train_items), ("eval", eval_items))}
+        reference = ref_fwd = None  # freed: training holds only the policy
+    fwd.train()
 
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
-    optimizer = opt_cls(policy.parameters(), lr=cfg.lr)
+    trainable = [p for p in fwd.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = opt_cls(trainable, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     steps_per_epoch = len(train_items) // cfg.batch_size
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     step, skipped, saved_step = 0, 0, None
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if cfg.resume:
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:  # saved whole (gathered); each process keeps its shard of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(fwd, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step = saved_step = state["step"]
         skipped = state.get("skipped", 0)
-        if os.path.exists(metrics_path):  # drop lines logged after the checkpoint (and one a kill cut short)
+        if rank == 0 and os.path.exists(metrics_path):  # drop lines logged after the checkpoint (or cut by a kill)
             lines = [ln for ln in open(metrics_path) if ln.endswith("\n") and json.loads(ln)["step"] <= step]
             with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(lines)
             os.replace(metrics_path + ".tmp", metrics_path)
         log(f"resumed from {ckpt} at step {step}")
-    elif os.path.exists(metrics_path):
+    elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
     log(f"{len(train_items)} train pairs, {len(eval_items)} held-out | {total_steps} steps of {cfg.batch_size} "
-        f"pairs | {policy.num_params() / 1e6:.1f}M parameters | {device} {dtype}")
+        f"pairs | {policy.num_params() / 1e6:.1f}M parameters"
+        + (f", {sum(p.numel() for p in trainable) / 1e6:.2f}M trained (LoRA rank {cfg.lora_rank})" if lora else "")
+        + f" | {device} {dtype}, weights {cfg.weights_dtype}"
+        + (f" | {world} processes, {'FSDP' if cfg.fsdp else 'DDP'}" if world > 1 else ""))
 
     history, run_start, eval_ref = [], step, None
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
         order = epoch_order(train_items, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]  # the data position is the step
-        t0, n_tokens, sums, fault = time.time(), 0, {}, None
-        for m, mb in enumerate(micro_batches(train_items, idx, cfg.micro_batch_size)):
-            batch = {k_: v.to(device) for k_, v in collate_pairs([train_items[i] for i in mb], distinct=True).items()}
-            with autocast(device, dtype):
-                policy_logps = batch_logps(policy, batch, cfg.average_logps).float()  # (2B,) one forward
-            if ref_lp is not None:
-                ref = ref_lp["train"][mb].to(device)  # (B, 2)
-            else:
-                with torch.no_grad(), autocast(device, dtype):
-                    ref = torch.stack(batch_logps(reference, batch, cfg.average_logps).float().chunk(2), 1)
-            losses, cr, rr = loss_from_logps(cfg, policy_logps, ref, batch)
-            if not torch.isfinite(losses).all():
-                bad = [i for i, ok in zip(mb, torch.isfinite(losses).tolist()) if not ok]
-                fault = (f"non-finite loss in micro-batch {m + 1} (training pairs {bad[:8]}, "
-                         f"the first with prompt {train_pairs[bad[0]]['prompt'][:40]!r})")
-                break
-            (losses.sum() / cfg.batch_size).backward()  # accumulating sums / batch = the full-batch mean
+        mine = [idx[j] for j in shard(len(idx), rank, world)[0]]  # this process's pairs (one process: all)
+        t0, fault = time.time(), None
+        sums = dict.fromkeys(("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                              "logps/chosen", "logps/rejected", "tokens"), 0.0)
+        mbs = micro_batches(train_items, mine, cfg.micro_batch_size)
+        for m, mb in enumerate(mbs):
+            # DDP all-reduces the gradients in the last micro-batch's backward only; FSDP reduce-scatters them
+            # in every backward, so that they stay sharded
+            last = m == len(mbs) - 1
+            with fwd.no_sync() if isinstance(fwd, nn.parallel.DistributedDataParallel) and not last else contextlib.nullcontext():
+                batch = {k_: v.to(device) for k_, v in collate_pairs([train_items[i] for i in mb], distinct=True).items()}
+                with autocast(device, dtype):
+                    policy_logps = batch_logps(fwd, batch, cfg.average_logps).float()  # (2B,) one forward
+                if ref_lp is not None:
+                    ref = ref_lp["train"][mb].to(device)  # (B, 2)
+                else:
+                    with torch.no_grad(), reference_mode(), autocast(device, dtype):
+                        ref = torch.stack(batch_logps(ref_fwd, batch, cfg.average_logps).float().chunk(2), 1)
+                losses, cr, rr = loss_from_logps(cfg, policy_logps, ref, batch)
+                if not torch.isfinite(losses).all() and fault is None:
+                    bad = [i for i, ok in zip(mb, torch.isfinite(losses).tolist()) if not ok]
+                    fault = (f"non-finite loss in micro-batch {m + 1} (training pairs {bad[:8]}, "
+                             f"the first with prompt {train_pairs[bad[0]]['prompt'][:40]!r})")
+                    if world == 1:
+                        break  # (several processes must each run every backward: they meet there)
+                # accumulating sums / batch = the full-batch mean; DDP and FSDP average the gradients over the
+                # processes, and x world turns that average back into the sum over all the step's pairs
+                (losses.sum() * world / cfg.batch_size).backward()
             pc, pr = policy_logps.detach().chunk(2)
             for key, v in {"loss": losses.detach(), "rewards/chosen": cr, "rewards/rejected": rr,
                            "rewards/accuracies": (cr > rr).float(), "rewards/margins": cr - rr,
                            "logps/chosen": pc, "logps/rejected": pr}.items():
-                sums[key] = sums.get(key, 0.0) + v.sum().item()
-            n_tokens += int(batch["attention_mask"].sum())  # distinct rows: the tokens actually computed
-        grad_norm = math.nan if fault else torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+                sums[key] += v.sum().item()
+            sums["tokens"] += int(batch["attention_mask"].sum())  # distinct rows: the tokens actually computed
+        if world > 1:  # the whole step's metrics, and a fault on any process stops (or skips) on every one
+            sums = all_reduce_sum({**sums, "fault": fault is not None}, device)
+            if sums.pop("fault") and fault is None:
+                fault = "non-finite loss on another process"
+        n_tokens = sums.pop("tokens")
+        if fault:
+            grad_norm = math.nan
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
         if not fault and not math.isfinite(grad_norm):
             fault = f"non-finite gradient norm (training pairs {idx[:8]}{'...' if len(idx) > 8 else ''})"
         last_good = (f"the last good checkpoint is {ckpt} (step {saved_step})" if saved_step else
@@ -709,30 +989,49 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
                    "lr": lr, "tokens_per_s": n_tokens / dt}
             if eval_items and (step % cfg.eval_every == 0 or step == total_steps):
                 if eval_ref is None:  # the reference never changes: its held-out log-probs are computed once
-                    eval_ref = ref_lp["eval"] if ref_lp is not None else reference_logps(
-                        reference, eval_items, cfg.micro_batch_size, device, dtype, cfg.average_logps)
-                row.update(evaluate_pairs(cfg, policy, eval_items, eval_ref, device, dtype))
+                    if ref_lp is not None:
+                        eval_ref = ref_lp["eval"]
+                    else:
+                        with reference_mode():
+                            eval_ref = reference_logps_all(ref_fwd, eval_items, cfg.micro_batch_size, device, dtype,
+                                                           cfg.average_logps, rank, world)
+                row.update(evaluate_pairs(cfg, fwd if cfg.fsdp else policy, eval_items, eval_ref, device, dtype,
+                                          rank, world))
             history.append(row)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             log(f"step {step}/{total_steps} | loss {row['loss']:.4f} | acc {row['rewards/accuracies']:.2f} | margin "
                 f"{row['rewards/margins']:.3f} | chosen {row['rewards/chosen']:.3f} | rejected {row['rewards/rejected']:.3f}"
                 f" | grad {grad_norm:.2f} | lr {lr:.2e} | {row['tokens_per_s']:.0f} tok/s | {dt * 1000:.0f} ms"
                 + (f" | eval loss {row['eval/loss']:.4f} acc {row['eval/accuracy']:.2f}" if "eval/loss" in row else ""))
         if step % cfg.save_every == 0 or step == total_steps or step - run_start == cfg.stop_after:
-            bad = [n for n, p in policy.named_parameters() if not torch.isfinite(p).all()]
-            if bad:  # finite gradients can still overflow the weights (fp16, huge --lr): never save those
-                raise TrainingError(f"step {step}: non-finite weights in {bad[0]} ({len(bad)} tensors); not saved, "
-                                    f"{last_good}; try a lower --lr or --dtype float32")
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "skipped": skipped}
-            try:
-                save_checkpoint(ckpt, policy, state)
-                if cfg.keep_checkpoints:
-                    save_checkpoint(os.path.join(cfg.out, f"step-{step}"), policy, state)
-            except OSError as e:
-                raise TrainingError(f"step {step}: cannot write the checkpoint to {ckpt} ({e.strerror or e}); "
-                                    f"{last_good}; free some space or choose another --out") from None
+            bad = [n for n, p in policy.named_parameters() if not torch.isfinite(_local(p)).all()]
+            n_bad = all_reduce_sum({"bad": len(bad)}, device)["bad"] if world > 1 else len(bad)
+            if n_bad:  # finite gradients can still overflow the weights (fp16, huge --lr): never save those
+                raise TrainingError(f"step {step}: non-finite weights in {bad[0] if bad else 'a shard of another process'} "
+                                    f"({n_bad:.0f} tensors); not saved, {last_good}; try a lower --lr or --dtype float32")
+            if cfg.fsdp:  # gathered whole on process 0: the checkpoint does not depend on the number of processes
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+                opt_state = get_optimizer_state_dict(fwd, optimizer,
+                                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                to_save = gathered_model(policy, fwd)
+            else:
+                opt_state, to_save = optimizer.state_dict(), policy
+            failed = None
+            if rank == 0:
+                state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
+                         "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "skipped": skipped}
+                try:
+                    save_checkpoint(ckpt, to_save, state)
+                    if cfg.keep_checkpoints:
+                        save_checkpoint(os.path.join(cfg.out, f"step-{step}"), to_save, state)
+                except OSError as e:
+                    failed = f"cannot write the checkpoint to {ckpt} ({e.strerror or e})"
+            if world > 1 and all_reduce_sum({"failed": failed is not None}, device)["failed"]:  # (also a barrier)
+                failed = failed or "process 0 could not write the checkpoint"
+            if failed:
+                raise TrainingError(f"step {step}: {failed}; {last_good}; free some space or choose another --out")
             saved_step = step
         if step - run_start == cfg.stop_after:
             log(f"stopping after {cfg.stop_after} steps (--stop-after); continue with --resume")
@@ -744,6 +1043,195 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
 
 class TrainingError(RuntimeError):
     """A numerical fault during training (non-finite loss or gradient): one line, run stops cleanly."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory arithmetic (--estimate-memory): what a run holds on each GPU, from the model's shape and the flags
+# alone, before anything is loaded:  python dpo.py --estimate-memory --model EleutherAI/gpt-j-6b --lora-rank 16
+
+KNOWN_SHAPES = {  # from the models' config.json, so that the estimate needs no download
+    "EleutherAI/pythia-2.8b": dict(n_layer=32, n_embd=2560, n_head=32, vocab_size=50304, n_inner=10240,
+                                   pos_embedding="rotary", parallel_residual=True, tie_word_embeddings=False),
+    "EleutherAI/gpt-j-6b": dict(n_layer=28, n_embd=4096, n_head=16, vocab_size=50400, n_inner=16384,
+                                pos_embedding="rotary", parallel_residual=True, shared_layernorm=True,
+                                attn_bias=False, lm_head_bias=True, tie_word_embeddings=False),
+}
+CARDS_GB = (24, 40, 80)  # GPU memory sizes (GiB) the verdicts are given for
+GiB = 2 ** 30
+
+
+def model_shape(spec):
+    """The shape of --model without loading or downloading anything: a GPT-2 size (gpt2, gpt2-medium,
+    gpt2-large, gpt2-xl, with or without openai-community/), a KNOWN_SHAPES name (with or without the
+    EleutherAI/ prefix), random:L,H,C, or a local folder or config.json (config_from_hf).
+    Returns a GPTConfig, or for KNOWN_SHAPES a namespace with the same field names."""
+    name = spec.removeprefix("openai-community/")
+    if name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        return GPTConfig.named(name)
+    for known, shape in KNOWN_SHAPES.items():
+        if spec in (known, known.split("/")[1]):
+            return argparse.Namespace(**shape)
+    if spec.startswith("random:"):
+        return random_config(spec)
+    path = spec if spec.endswith(".json") else os.path.join(spec, "config.json")
+    if os.path.exists(path):
+        return config_from_hf(path)
+    raise InputError(f"--estimate-memory --model {spec}: no shape known without a download; use gpt2, gpt2-medium, "
+                     f"gpt2-large, gpt2-xl, {', '.join(KNOWN_SHAPES)}, random:L,H,C or a folder with config.json")
+
+
+def count_params(c):
+    """Parameters of GPT(c), counted from the shape (equal to GPT(c).num_params(), tested): token (and
+    learned position) embeddings, per block the LayerNorm(s), attention (c_attn C x 3C, c_proj C x C) and
+    MLP (c_fc C x I, c_proj I x C) with their biases, the final LayerNorm and an untied output head.
+    Reads flags with getattr, so a namespace of the main shape fields is enough."""
+    C, L, V = c.n_embd, c.n_layer, c.vocab_size
+    I = getattr(c, "n_inner", None) or 4 * C
+    bias = getattr(c, "bias", True)
+    attn_bias = bias if getattr(c, "attn_bias", None) is None else c.attn_bias
+    ln = 2 * C if bias else C                                              # LayerNorm weight (+ bias)
+    block = (1 if getattr(c, "shared_layernorm", False) else 2) * ln
+    block += 4 * C * C + (4 * C if attn_bias else 0)                       # attention
+    block += 2 * C * I + (I + C if bias else 0)                            # MLP
+    n = V * C + L * block                                                  # token embedding, blocks
+    if getattr(c, "pos_embedding", "learned") == "learned":
+        n += getattr(c, "block_size", 1024) * C                            # learned positions
+    n += getattr(c, "type_vocab_size", 0) * C + (ln if getattr(c, "embedding_layernorm", False) else 0)
+    n += 0 if getattr(c, "post_layernorm", False) else ln                  # final LayerNorm
+    labels = getattr(c, "num_labels", 0)
+    if labels:                                                             # classification head instead of lm_head
+        n += C * C + C + C * labels + labels
+    elif not getattr(c, "tie_word_embeddings", True):
+        n += V * C + (V if getattr(c, "lm_head_bias", False) else 0)       # untied output head
+    return n
+
+
+def estimate_memory(model, cfg, world_size=1):
+    """Bytes a DPO run holds on each GPU at its peak, by arithmetic. model: a GPTConfig (or namespace) or a
+    --model spec for model_shape; cfg: a TrainConfig. Returns a dict of the terms (bytes), "total", and
+    "fits" {card GiB: bool}. Assumptions, stated so that they can be checked against a measurement:
+
+      weights      every parameter in --weights-dtype (LoRA adds its float32 adapters)
+      gradients    one per trained parameter, in its dtype (LoRA: the float32 adapters only)
+      optimizer    RMSprop 1 state tensor per trained parameter (square_avg), AdamW 2 (exp_avg, exp_avg_sq),
+                   in the trained parameters' dtype: torch keeps optimiser state in the parameter's dtype
+      reference    a second model, unless --precompute-ref (one pass, then freed) or LoRA (the adapters off)
+      autocast     bf16 copies of float32 matmul weights, kept for backward (with --grad-checkpoint: one block)
+      activations  per block and token, the tensors backward needs: 8C + 2I values (LayerNorm inputs and
+                   outputs, q, k, v, the attention output, MLP input, pre- and post-GELU), 2 bytes under bf16
+                   autocast; attention scores are not stored (fused attention on a GPU). --grad-checkpoint
+                   keeps each block's input (C values) plus one block recomputed in backward
+      head         logits only on response tokens, at most max_length - max_prompt_length per row of a
+                   truncated pair: float32 log-softmax input and its float32 gradient plus the bf16 output
+      FSDP         weights, gradients, optimiser state and reference divided by the processes, plus two
+                   gathered blocks (the running one and the prefetched one)
+    Not counted: the CUDA context and allocator slack (a card "fits" when the total is <= 90% of it)."""
+    c = model_shape(model) if isinstance(model, str) else model
+    L, C, V = c.n_layer, c.n_embd, c.vocab_size
+    I = getattr(c, "n_inner", None) or 4 * C
+    P = count_params(c)
+    lora = cfg.lora_rank > 0
+    trainable = L * cfg.lora_rank * (8 * C + 2 * I) if lora else P  # A (r, in) + B (out, r) on the 4 projections
+    w = 2 if cfg.weights_dtype == "bfloat16" else 4
+    t = 4 if lora else w                                   # bytes of a trained parameter (and its grad and state)
+    a = 4 if cfg.dtype == "float32" else 2                 # activations: bf16 autocast on a GPU ("auto")
+    shards = world_size if cfg.fsdp else 1
+    states = 2 if cfg.optimizer == "adamw" else 1
+    block_matmul = 4 * C * C + 2 * C * I                   # weights of one block that go through a matmul
+    rows, T = 2 * cfg.micro_batch_size, cfg.max_length
+    response = cfg.max_length - cfg.max_prompt_length
+    per_layer = rows * T * (8 * C + 2 * I) * a
+    est = {
+        "params": P, "trainable": trainable,
+        "weights": P * w / shards + (trainable * 4 if lora else 0),
+        "gradients": trainable * t / (1 if lora else shards),
+        "optimizer": states * trainable * t / (1 if lora else shards),
+        "reference": 0 if cfg.precompute_ref or lora else P * w / shards,
+        "autocast": 0 if a >= w else 2 * ((1 if cfg.grad_checkpoint else L) * block_matmul + V * C),
+        "activations": (L * rows * T * C * a + per_layer) if cfg.grad_checkpoint else L * per_layer,
+        "head": rows * response * V * (4 + 4 + a),
+        "fsdp_gathered": 2 * (P - V * C) / L * w if cfg.fsdp and world_size > 1 else 0,
+        "per_layer": per_layer, "optimizer_dtype": "float32" if t == 4 else "bfloat16", "states": states,
+    }
+    est["total"] = sum(est[k] for k in ("weights", "gradients", "optimizer", "reference", "autocast", "activations",
+                                        "head", "fsdp_gathered"))
+    est["fits"] = {gb: est["total"] <= 0.9 * gb * GiB for gb in CARDS_GB}
+    return est
+
+
+def describe_shape(c):
+    I = getattr(c, "n_inner", None) or 4 * c.n_embd
+    tied = "tied" if getattr(c, "tie_word_embeddings", True) else "untied"
+    return (f"{c.n_layer} layers, {c.n_embd} channels, {c.n_head} heads, MLP {I}, vocabulary {c.vocab_size}, "
+            f"{tied} head: {count_params(c) / 1e9:.3f}B parameters")
+
+
+def memory_report(cfg):
+    """The --estimate-memory text: every term for --model and these flags, then the settings table.
+    A comma-separated --model gives the table alone, one block of rows per model. Under WORLD_SIZE=N
+    (with --fsdp) the per-GPU figures are for N processes."""
+    check_config(dataclasses.replace(cfg, device="auto"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    specs = [s.strip() for s in cfg.model.split(",") if s.strip()]
+    if len(specs) > 1:
+        return memory_table(specs, cfg, world)
+    c = model_shape(specs[0])
+    e = estimate_memory(c, cfg, world)
+    g = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
+    opt = "RMSprop" if cfg.optimizer == "rmsprop" else "AdamW"
+    act = "float32" if cfg.dtype == "float32" else "bfloat16 autocast"
+    fsdp = f", sharded over {world} processes (FSDP)" if cfg.fsdp and world > 1 else ""
+    lines = [f"memory per GPU for {specs[0]} (arithmetic, not a measurement){fsdp}",
+             f"  shape        {describe_shape(c)}",
+             f"  weights      {g(e['weights'])}  {cfg.weights_dtype}"
+             + (f" + {e['trainable'] / 1e6:.1f}M float32 LoRA parameters (rank {cfg.lora_rank})" if cfg.lora_rank else ""),
+             f"  gradients    {g(e['gradients'])}  one per trained parameter, {e['optimizer_dtype']}",
+             f"  optimizer    {g(e['optimizer'])}  {opt}: {e['states']} state tensor{'s' * (e['states'] > 1)} per trained parameter, "
+             f"{e['optimizer_dtype']} (torch keeps the state in the parameter's dtype)",
+             f"  reference    {g(e['reference'])}  " + ("the policy with its LoRA adapters off" if cfg.lora_rank else
+                                                        "--precompute-ref: one pass, then freed" if cfg.precompute_ref
+                                                        else "a second model"),
+             f"  autocast     {g(e['autocast'])}  bfloat16 copies of float32 weights kept for backward",
+             f"  activations  {g(e['activations'])}  {2 * cfg.micro_batch_size} rows x {cfg.max_length} tokens, "
+             f"{e['per_layer'] / 2**20:.0f} MiB a block ({act})"
+             + (", --grad-checkpoint: block inputs + one block" if cfg.grad_checkpoint else f" x {c.n_layer} blocks"),
+             f"  output head  {g(e['head'])}  {2 * cfg.micro_batch_size} rows x {cfg.max_length - cfg.max_prompt_length} "
+             f"response tokens x {c.vocab_size} logits"]
+    if e["fsdp_gathered"]:
+        lines.append(f"  FSDP         {g(e['fsdp_gathered'])}  two gathered blocks")
+    lines.append(f"  total        {g(e['total'])}  " + " | ".join(
+        f"{gb} GB: {'fits' if ok else 'too big'}" for gb, ok in e["fits"].items()) + "  (fits: <= 90% of the card)")
+    if cfg.weights_dtype == "bfloat16" and not cfg.lora_rank:
+        lines.append("  note: full fine-tuning of bfloat16 weights rounds away updates below ~0.4% of a weight "
+                     f"(lr {cfg.lr:g}); --lora-rank trains float32 adapters instead")
+    return "\n".join(lines) + "\n\n" + memory_table(specs, cfg, world)
+
+
+MEMORY_SETTINGS = (  # from the plainest to the most frugal
+    ("float32 weights, reference model", dict()),
+    ("float32, --precompute-ref --grad-checkpoint", dict(precompute_ref=True, grad_checkpoint=True)),
+    ("bfloat16, --precompute-ref --grad-checkpoint",
+     dict(weights_dtype="bfloat16", precompute_ref=True, grad_checkpoint=True)),
+    ("LoRA r16 on bfloat16, --grad-checkpoint", dict(weights_dtype="bfloat16", lora_rank=16, grad_checkpoint=True)),
+)
+
+
+def memory_table(specs, cfg, world_size=1):
+    """A markdown table: for each model, the total per GPU under each of MEMORY_SETTINGS (which set the weights
+    dtype, reference, checkpointing and LoRA; the rest of cfg as given: optimiser, micro-batch, lengths) and
+    whether it fits a 24, 40 and 80 GB card."""
+    lines = [f"{cfg.optimizer}, micro-batch {cfg.micro_batch_size} pairs ({2 * cfg.micro_batch_size} rows) x "
+             f"{cfg.max_length} tokens, {cfg.max_length - cfg.max_prompt_length} response tokens a row, bf16 autocast:",
+             "", "| model | parameters | settings | GiB per GPU | " + " | ".join(f"{gb} GB" for gb in CARDS_GB) + " |",
+             "|---|---|---|---|" + "---|" * len(CARDS_GB)]
+    for spec in specs:
+        c = model_shape(spec)
+        for label, change in MEMORY_SETTINGS:
+            plain = dict(weights_dtype="float32", precompute_ref=False, grad_checkpoint=False, lora_rank=0)
+            e = estimate_memory(c, dataclasses.replace(cfg, **{**plain, **change}), world_size)
+            lines.append(f"| {spec} | {count_params(c) / 1e9:.2f}B | {label} | {e['total'] / GiB:.1f} | "
+                         + " | ".join("yes" if ok else "no" for ok in e["fits"].values()) + " |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -797,6 +1285,9 @@ class ImdbConfig:
     eval_prompts: int = field(None, "prefixes of IMDb test reviews to evaluate on (one sample each)")
     sample_batch_size: int = field(None, "sequences per generate call")
     classifier_epochs: int = field(10, "epochs of the bag-of-tokens reward classifier")
+    reward: str = field("bow", "ground-truth reward: bow (the project's bag-of-tokens classifier, trained here) or "
+                        "siebert (the paper's siebert/sentiment-roberta-large-english; falls back to bow with a printed "
+                        "note when its weights cannot be loaded), or a local folder")
     max_reviews: int = field(0, "use only this many reviews per split (0 = all 25,000; for quick tests)")
     imdb: str = field(None, "IMDb archive or extracted folder (default: $DPO_IMDB, else download)")
     device: str = field("auto", "cuda, mps or cpu (auto: the first available)")
@@ -891,16 +1382,25 @@ def run_imdb(cfg, log=print):
     stage("SFT")
 
     # 2. the ground-truth reward
+    classifier = None  # --reward siebert or a folder: a RoBERTa sentiment classifier (the paper's choice)
+    if cfg.reward != "bow":
+        try:
+            classifier = ev.RobertaReward.load(ev.SIEBERT if cfg.reward == "siebert" else cfg.reward, device=device)
+            log(f"reward classifier: {cfg.reward} (RoBERTa)")
+        except (InputError, OSError) as e:
+            log(f"reward classifier: cannot load {cfg.reward} ({e}); using the bag-of-tokens classifier instead")
     clf_path = os.path.join(cfg.out, "classifier.pt")
-    if os.path.exists(clf_path):
+    if classifier is None and os.path.exists(clf_path):
         classifier = ev.BowClassifier.load(clf_path)
         log(f"reward classifier: cached in {clf_path}")
-    else:
+    elif classifier is None:
         classifier = ev.train_classifier(train_reviews, epochs=cfg.classifier_epochs,
                                          generator=torch.Generator().manual_seed(cfg.seed), log=log)
         classifier.save(clf_path)
-    clf_acc = _cached_json(os.path.join(cfg.out, "classifier_accuracy.json"),
-                           lambda: {"test_accuracy": ev.accuracy(classifier, test_reviews), "n": len(test_reviews)},
+    bow = isinstance(classifier, ev.BowClassifier)  # a RoBERTa reward is checked on ~2,000 test reviews, not 25,000
+    acc_reviews = test_reviews if bow else test_reviews[::max(1, len(test_reviews) // 2000)]
+    clf_acc = _cached_json(os.path.join(cfg.out, "classifier_accuracy.json" if bow else "reward_accuracy.json"),
+                           lambda: {"test_accuracy": ev.accuracy(classifier, acc_reviews), "n": len(acc_reviews)},
                            "classifier accuracy")
     log(f"reward classifier: {100 * clf_acc['test_accuracy']:.1f}% on {clf_acc['n']} test reviews")
     stage("reward model")
@@ -973,7 +1473,8 @@ def run_imdb(cfg, log=print):
             model = GPT.from_pretrained(sft_dir, device=device)
             sft.train_sequences(model, prompts_, chosen_, steps=steps_per_run, batch_size=cfg.batch_size,
                                 lr=cfg.baseline_lr, objective=objective, rejected=rejected_, alpha=value or 0.0,
-                                generator=torch.Generator().manual_seed(cfg.seed), log=lambda s: None)
+                                generator=torch.Generator().manual_seed(cfg.seed), log=lambda s: None,
+                                groups=[p["group"] for p in train_pairs])
             model.save_pretrained(out)
         runs.append((method, key, value, out, steps_per_run))
     stage("training")
@@ -1040,19 +1541,34 @@ def main(argv=None):
             return 2
         return 0
     cfg = parse_args(argv)
-    print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    if cfg.estimate_memory:  # arithmetic only: nothing is loaded, downloaded or written
+        try:
+            print(memory_report(cfg))
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"process {rank}: " if world > 1 else ""
+    if rank == 0:
+        print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     fresh = not os.path.exists(cfg.out)
     try:
         _, history = train(cfg)
     except (InputError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if fresh and os.path.isdir(cfg.out) and not os.listdir(cfg.out):
+        print(f"{who}error: {e}", file=sys.stderr)
+        if rank == 0 and fresh and os.path.isdir(cfg.out) and not os.listdir(cfg.out):
             os.rmdir(cfg.out)  # nothing left behind: a folder this run created and never wrote to
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted; the last checkpoint (if any) is {os.path.join(cfg.out, 'checkpoint')}, "
+        print(f"{who}interrupted; the last checkpoint (if any) is {os.path.join(cfg.out, 'checkpoint')}, "
               f"continue with --resume", file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
     try:
         from eval import plot_training_curves
         plot_training_curves(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "curves.png"))

@@ -6,8 +6,10 @@ classifier, sampling, the sequence-level KL to the reference, tables and plots.
 
 The paper's ground-truth reward is a sentiment classifier, r*(x, y) = P(positive | x + y). We train our
 own: logistic regression on the bag of distinct GPT-2 tokens of a review (BowClassifier), trained once on
-the IMDb train reviews and frozen. Each method is placed on the reward/KL frontier by sampling
-completions y ~ pi(.|x) for test prompts x and reporting
+the IMDb train reviews and frozen. RobertaReward scores with the paper's own classifier instead
+(siebert/sentiment-roberta-large-english; `dpo.py --task imdb --reward siebert`) when its weights can be
+had. Each method is placed on the reward/KL frontier by sampling completions y ~ pi(.|x) for test prompts
+x and reporting
     reward  E_{x, y~pi}[ r*(x, y) ]
     KL      E_{x, y~pi}[ log pi(y|x) - log pi_ref(y|x) ]    = E_x KL(pi(.|x) || pi_ref(.|x)), sequence level
 both with standard errors over the samples.
@@ -29,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import GPT, InputError, Progress
+from model import GPT, InputError, Progress, resolve_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +140,71 @@ def accuracy(classifier, reviews):
     scores = classifier.score([_review_ids(r) for r in reviews])  # (N,)
     labels = torch.tensor([r["label"] for r in reviews])
     return ((scores > 0.5).long() == labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's ground-truth reward: a RoBERTa sentiment classifier, with BowClassifier's interface
+
+SIEBERT = "siebert/sentiment-roberta-large-english"  # the classifier the paper uses for IMDb
+
+
+class RobertaReward:
+    """P(positive | text) from a RoBERTa sequence classifier (the paper's: SIEBERT), as a frozen reward with
+    BowClassifier's interface: score(token_lists) -> (N,) float32.
+
+    RoBERTa's BPE is GPT-2's with other ids, so GPT-2 tokens become RoBERTa input by a table
+    (data.roberta_ids_from_gpt2). Each token list is first decoded to text (EOS dropped) and re-encoded: a
+    sampled token sequence need not be the BPE of its own text, and the classifier was trained on the latter,
+    as its tokenizer would give it. Rows are scored in batches of similar length (sorted), at most max_len
+    tokens each (<s> and </s> included; longer texts keep their start)."""
+
+    def __init__(self, model, vocab_json, positive, batch_size=32, max_len=512):
+        self.model = model.eval().requires_grad_(False)
+        self.vocab_json, self.positive, self.batch_size, self.max_len = vocab_json, positive, batch_size, max_len
+
+    @classmethod
+    def load(cls, name_or_dir=SIEBERT, device="cpu", dtype=torch.float32, batch_size=32):
+        """From a folder or hub name with config.json, the weights and vocab.json; a hub model is downloaded once
+        into model.resolve_checkpoint's cache folder. InputError when the files cannot be had (offline)."""
+        folder = resolve_checkpoint(name_or_dir)
+        try:
+            vocab_json = data.hub_file(name_or_dir, "vocab.json")
+        except FileNotFoundError:
+            raise InputError(f"{name_or_dir}: no vocab.json (RoBERTa's token ids) beside the weights; "
+                             f"copy it from the model's hub page into {folder}") from None
+        model = GPT.from_pretrained(folder, dtype=dtype, device=device)
+        max_len = min(512, model.config.block_size - getattr(model.config, "pos_offset", 0))  # RoBERTa: 514 - 2
+        return cls(model, vocab_json, positive_label(os.path.join(folder, "config.json")), batch_size, max_len)
+
+    @torch.no_grad()
+    def score(self, token_lists):
+        """P(positive) for each GPT-2 token list: (N,) float32 tensor. EOS and ids >= 50257 are ignored."""
+        ids = [data.encode(data.decode([t for t in row if 0 <= t < data.EOS])) for row in token_lists]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        device = next(self.model.parameters()).device
+        out = torch.zeros(len(ids))  # (N,)
+        for s in range(0, len(order), self.batch_size):
+            rows = order[s:s + self.batch_size]
+            input_ids, mask = data.roberta_ids_from_gpt2([ids[i] for i in rows], self.vocab_json, self.max_len)  # (b, T)
+            logits = self.model.classify(input_ids.to(device), mask.to(device)).float()  # (b, num_labels)
+            p = logits[:, 0].sigmoid() if logits.size(1) == 1 else logits.softmax(-1)[:, self.positive]  # (b,)
+            out[rows] = p.cpu()
+        return out
+
+
+def positive_label(config_json):
+    """The index of the positive class in a Hugging Face config.json's id2label: "POSITIVE" (or "POS"), else
+    "LABEL_1" of an unnamed pair of labels."""
+    try:
+        with open(config_json) as f:
+            names = {int(k): str(v).upper() for k, v in (json.load(f).get("id2label") or {}).items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise InputError(f"{config_json}: cannot read id2label ({e}); copy config.json from the model's hub page") from None
+    for want in ("POSITIVE", "POS", "LABEL_1"):
+        if want in names.values():
+            return min(i for i, n in names.items() if n == want)
+    raise InputError(f"{config_json}: no positive class among the labels {sorted(names.values())}; "
+                     f"the reward needs a sentiment classifier with a POSITIVE label")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""A GPT in one file: GPT-2 from Hugging Face checkpoints, KV-cache sampling, per-token log-probs.
+"""A GPT in one file: GPT-2, GPT-J, GPT-NeoX/Pythia and a RoBERTa classifier from Hugging Face checkpoints,
+KV-cache sampling, per-token log-probs.
 
     python -c "from model import GPT; m = GPT.from_pretrained('gpt2'); print(m.config)"
 
 Contents: utilities (InputError, a progress line, an atomic resumable download), token_logps, the
 safetensors format read and written by hand, GPTConfig and GPT (forward, from_pretrained,
-save_pretrained, generate). Only the standard library and torch are imported.
+save_pretrained, generate, classify) and the per-architecture key tables. Only the standard library
+and torch are imported.
 
 Shape notation: B batch rows, T time, C channels (n_embd), V vocabulary, nh heads, hs head size.
 """
@@ -236,33 +238,67 @@ def save_safetensors(tensors, path, metadata=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The model. One class for every architecture: differences are config flags (GPT-2 today; rotary
-# embeddings, parallel residual, untied heads and a bidirectional encoder are flags of the same class).
+# The model. One class for every architecture: differences are config flags (rotary embeddings, a
+# parallel residual with one or two LayerNorms, untied heads with or without bias, post-LayerNorm, a
+# bidirectional encoder with a classification head), set from config.json by config_from_hf.
 
 @dataclasses.dataclass
 class GPTConfig:
+    """Model shape and architecture flags. The defaults are GPT-2 (Radford et al. 2019); config_from_hf sets
+    the flags that reproduce GPT-J-6B (Wang & Komatsuzaki 2021), GPT-NeoX-20B/Pythia (Black et al. 2022,
+    arXiv:2204.06745; Biderman et al. 2023, arXiv:2304.01373) and RoBERTa (Liu et al. 2019, arXiv:1907.11692)."""
     vocab_size: int = 50257
-    block_size: int = 1024          # longest sequence (learned position table size)
+    block_size: int = 1024          # longest sequence (learned position table size; pos_offset included)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     n_inner: int | None = None      # MLP width; None means 4 * n_embd
     dropout: float = 0.0            # DPO trains without dropout (the policy's log-probs must be deterministic)
-    bias: bool = True
+    bias: bool = True               # biases in the Linears and LayerNorms
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_new"    # GPT-2's tanh approximation of GELU ("gelu" for the exact one)
-    pos_embedding: str = "learned"  # learned absolute positions (GPT-2); other schemes are future flags
+    pos_embedding: str = "learned"  # "learned" absolute table (GPT-2, RoBERTa) or "rotary" (RoFormer, arXiv:2104.09864)
     parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)) (GPT-NeoX/GPT-J) instead of sequential
     tie_word_embeddings: bool = True  # output head shares the token embedding (GPT-2)
     causal: bool = True             # False gives a bidirectional encoder
+    model_type: str = "gpt2"        # the Hugging Face layout save_pretrained writes: gpt2, gptj, gpt_neox, roberta
+    rotary_dim: int | None = None   # rotary: the first rotary_dim dims of each head rotate (None = all hs)
+    rotary_base: float = 10000.0    # rotary: frequencies base^(-2i/rotary_dim)
+    rotary_interleaved: bool = False  # rotary pairs (2i, 2i+1) (GPT-J) instead of (i, i + rotary_dim/2) (GPT-NeoX)
+    shared_layernorm: bool = False  # parallel block with ONE LayerNorm: x + attn(ln_1(x)) + mlp(ln_1(x)) (GPT-J)
+    attn_bias: bool | None = None   # biases in the attention projections; None follows `bias` (GPT-J: False)
+    lm_head_bias: bool = False      # a bias on the output head (GPT-J)
+    post_layernorm: bool = False    # x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)), no ln_f (BERT/RoBERTa)
+    embedding_layernorm: bool = False  # LayerNorm on the summed embeddings (BERT/RoBERTa)
+    type_vocab_size: int = 0        # token-type (segment) table; type 0 is added to every token (RoBERTa)
+    pos_offset: int = 0             # learned position of token t is t + pos_offset (RoBERTa: padding_idx + 1 = 2)
+    pad_token_id: int | None = None  # classify() masks this token when no attention_mask is given (RoBERTa: 1)
+    num_labels: int = 0             # > 0: a sequence-classification head (dense, tanh, out_proj) instead of lm_head
+    labels: tuple = ()              # optional names of the num_labels classes (Hugging Face id2label)
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-        if self.pos_embedding != "learned":
-            raise ValueError(f"pos_embedding {self.pos_embedding!r} is not supported yet (only 'learned')")
-        if self.activation not in ("gelu_new", "gelu"):
-            raise ValueError(f"activation {self.activation!r} is not supported ('gelu_new' or 'gelu')")
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        hs = self.n_embd // self.n_head
+        need(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        need(self.pos_embedding in ("learned", "rotary"),
+             f"pos_embedding {self.pos_embedding!r} is not supported ('learned' or 'rotary')")
+        need(self.activation in ("gelu_new", "gelu"),
+             f"activation {self.activation!r} is not supported ('gelu_new' or 'gelu')")
+        need(self.model_type in ("gpt2", "gptj", "gpt_neox", "roberta"),
+             f"model_type {self.model_type!r} is not supported (gpt2, gptj, gpt_neox or roberta)")
+        if self.pos_embedding == "rotary":
+            self.rotary_dim = hs if self.rotary_dim is None else self.rotary_dim
+            need(0 < self.rotary_dim <= hs and self.rotary_dim % 2 == 0,
+                 f"rotary_dim {self.rotary_dim} must be even and between 2 and the head size {hs}")
+        need(not self.shared_layernorm or self.parallel_residual, "shared_layernorm needs parallel_residual")
+        need(not (self.post_layernorm and self.parallel_residual), "post_layernorm and parallel_residual exclude each other")
+        need(0 <= self.pos_offset < self.block_size, f"pos_offset {self.pos_offset} must lie in [0, block_size)")
+        self.attn_bias = self.bias if self.attn_bias is None else self.attn_bias
+        self.labels = tuple(self.labels)
+        need(not self.labels or len(self.labels) == self.num_labels,
+             f"{len(self.labels)} labels for num_labels {self.num_labels}")
 
     @classmethod
     def named(cls, name, **overrides):
@@ -292,17 +328,41 @@ class KVCache:
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, nh, pos+T, hs)
 
 
+def rotary_tables(position_ids, config):
+    """Rotary position embedding (RoFormer, arXiv:2104.09864): the angles position * base^(-2i/d) for the
+    d = rotary_dim / 2 pairs of dimensions. position_ids (B or 1, T) -> cos, sin (B or 1, 1, T, d) in float32."""
+    d = config.rotary_dim
+    inv_freq = 1.0 / config.rotary_base ** (torch.arange(0, d, 2, device=position_ids.device, dtype=torch.float32) / d)
+    angles = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, d/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin, interleaved):
+    """Rotates each pair (x1, x2) of the first rotary_dim dims of x (B, nh, T, hs) by its angle, in float32:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). GPT-J pairs dims (2i, 2i+1) ("rotate every two"), GPT-NeoX
+    pairs (i, i + rotary_dim/2) ("rotate half"); the remaining hs - rotary_dim dims pass unchanged."""
+    d = 2 * cos.size(-1)
+    rot, rest = x[..., :d].float(), x[..., d:]
+    x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if interleaved else rot.chunk(2, dim=-1)  # (B, nh, T, d/2) each
+    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    rot = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)  # (B, nh, T, d)
+    return torch.cat((rot.to(x.dtype), rest), dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.n_head, self.layer, self.dropout = config.n_head, layer, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.interleaved = config.rotary_interleaved
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.attn_bias)  # rows [q; k; v]
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.attn_bias)
 
-    def forward(self, x, mask, cache=None):
+    def forward(self, x, mask, cache=None, rope=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if rope is not None:  # rotary: rotate q and k before k enters the cache
+            q, k = apply_rotary(q, *rope, self.interleaved), apply_rotary(k, *rope, self.interleaved)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, past+T, hs)
         is_causal = isinstance(mask, bool) and mask
@@ -326,31 +386,42 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.parallel = config.parallel_residual
+        self.parallel, self.post_ln = config.parallel_residual, config.post_layernorm
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = Attention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = (None if config.shared_layernorm else  # GPT-J: ln_1 feeds the MLP too
+                     nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias))
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask, cache=None):
-        if self.parallel:
-            return x + self.drop(self.attn(self.ln_1(x), mask, cache)) + self.drop(self.mlp(self.ln_2(x)))
-        x = x + self.drop(self.attn(self.ln_1(x), mask, cache))
+    def forward(self, x, mask, cache=None, rope=None):
+        if self.post_ln:  # BERT/RoBERTa: normalise after each residual sum
+            x = self.ln_1(x + self.drop(self.attn(x, mask, cache, rope)))
+            return self.ln_2(x + self.drop(self.mlp(x)))
+        h = self.ln_1(x)
+        if self.parallel:  # attention and MLP both read x; GPT-J feeds both the same ln_1(x)
+            m = self.mlp(h if self.ln_2 is None else self.ln_2(x))
+            return x + self.drop(self.attn(h, mask, cache, rope)) + self.drop(m)
+        x = x + self.drop(self.attn(h, mask, cache, rope))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.config = c = config
+        C = c.n_embd
+        self.wte = nn.Embedding(c.vocab_size, C)
+        self.wpe = nn.Embedding(c.block_size, C) if c.pos_embedding == "learned" else None
+        self.wtt = nn.Embedding(c.type_vocab_size, C) if c.type_vocab_size else None  # token types (RoBERTa)
+        self.ln_e = nn.LayerNorm(C, eps=c.layer_norm_eps, bias=c.bias) if c.embedding_layernorm else None
+        self.drop = nn.Dropout(c.dropout)
+        self.h = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        self.ln_f = None if c.post_layernorm else nn.LayerNorm(C, eps=c.layer_norm_eps, bias=c.bias)
+        self.lm_head = None if c.num_labels else nn.Linear(C, c.vocab_size, bias=c.lm_head_bias)
+        self.cls_dense = nn.Linear(C, C) if c.num_labels else None  # classification head (RoBERTa), see classify
+        self.cls_proj = nn.Linear(C, c.num_labels) if c.num_labels else None
+        if c.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
@@ -365,7 +436,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def forward(self, idx, attention_mask=None, position_ids=None, cache=None, return_hidden=False):
         """Logits (B, T, V) for every position of idx (B, T).
@@ -378,22 +449,40 @@ class GPT(nn.Module):
         `lm_head` to selected positions only.
         """
         B, T = idx.shape
+        c = self.config
         past = cache.pos if cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        if past + T + c.pos_offset > c.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {c.block_size}"
+                             + (f" - pos_offset {c.pos_offset}" if c.pos_offset else ""))
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]  # (B, T)
             else:
                 position_ids = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
         mask = self._attention_mask(attention_mask, T, past, idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wtt is not None:
+            x = x + self.wtt.weight[0]  # token type 0 on every token
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids + c.pos_offset)
+        if self.ln_e is not None:
+            x = self.ln_e(x)
+        x = self.drop(x)
+        rope = rotary_tables(position_ids, c) if c.pos_embedding == "rotary" else None  # cos, sin (B, 1, T, rd/2)
+        checkpointing = getattr(self, "grad_checkpoint", False) and self.training and torch.is_grad_enabled()
         for block in self.h:
-            x = block(x, mask, cache)
+            if checkpointing:  # keep only each block's input; recompute its insides during backward
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, cache, rope, use_reentrant=False)
+            else:
+                x = block(x, mask, cache, rope)
         if cache is not None:
             cache.pos += T
-        x = self.ln_f(x)
-        return x if return_hidden else self.lm_head(x)  # (B, T, V)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        if return_hidden:
+            return x
+        self._need_lm_head()
+        return self.lm_head(x)  # (B, T, V)
 
     def logps(self, idx, target_mask, attention_mask=None):
         """Per-token log-probabilities log pi(idx[:, t] | idx[:, <t]) at the positions where target_mask
@@ -401,11 +490,28 @@ class GPT(nn.Module):
         prediction and is ignored). The output head and log-softmax run only on the selected positions,
         not on prompt and padding tokens: with 50k-token vocabularies the head is most of the work.
         Equal to token_logps(self(idx)[:, :-1], idx[:, 1:]) on the selected positions (tested)."""
+        self._need_lm_head()
         h = self(idx, attention_mask=attention_mask, return_hidden=True)  # (N, T, C)
         sel = target_mask[:, 1:].bool()  # (N, T-1): hidden state t predicts token t+1
         lp = token_logps(self.lm_head(h[:, :-1][sel]), idx[:, 1:][sel])  # (M,) M = selected tokens
         out = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)  # (N, T)
         return out.masked_scatter(F.pad(sel, (1, 0)), lp)
+
+    def classify(self, idx, attention_mask=None):
+        """Sequence-classification logits (B, num_labels) from the first token (<s>) of each row of idx (B, T):
+        out_proj(tanh(dense(h_0))), as RobertaForSequenceClassification. Pad on the right; attention_mask
+        (B, T) masks the padding as keys (default: idx != config.pad_token_id)."""
+        if self.cls_proj is None:
+            raise ValueError("classify() needs a classification head (config.num_labels > 0, e.g. a RoBERTa classifier)")
+        if attention_mask is None and self.config.pad_token_id is not None:
+            attention_mask = (idx != self.config.pad_token_id).long()
+        h = self(idx, attention_mask=attention_mask, return_hidden=True)[:, 0]  # (B, C)
+        return self.cls_proj(self.drop(torch.tanh(self.cls_dense(self.drop(h)))))  # (B, num_labels)
+
+    def _need_lm_head(self):
+        if self.lm_head is None:
+            raise ValueError("this model has a classification head, not a language-model head: use classify(); "
+                             "forward logits, logps and generate need a causal language model")
 
     def _attention_mask(self, attention_mask, T, past, device):
         """True (plain causal kernel), False (no mask: bidirectional) or a boolean (B, 1, T, past+T) mask."""
@@ -428,7 +534,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dtype=torch.float32, device="cpu"):
-        """Loads a GPT-2 checkpoint in the Hugging Face layout.
+        """Loads a GPT-2, GPT-J, GPT-NeoX (Pythia) or RoBERTa-classifier checkpoint in the Hugging Face layout.
 
         name_or_dir: a local folder with config.json and model.safetensors (or a sharded
         model.safetensors.index.json, or pytorch_model.bin and its index), or a hub name such as
@@ -443,44 +549,43 @@ class GPT(nn.Module):
         model.to_empty(device=device)
         if dtype != torch.float32:
             model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)  # still empty: no copy of weights
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings and model.lm_head is not None:
             model.lm_head.weight = model.wte.weight  # to_empty/_apply allocate each name separately: tie again
         expected = dict(model.named_parameters())  # the tied lm_head.weight appears once, as wte.weight
-        loaded = set()
+        loaded = {}  # our name -> elements copied (GPT-J's q, k, v each fill a third of c_attn)
         for file in checkpoint_files(folder):
             for hf_name, tensor in read_tensors(file).items():
-                name, transpose = hf_to_ours(hf_name, config, file)
+                name, kind = hf_to_ours(hf_name, config, file)
                 if name is None:
                     continue
-                if transpose:
-                    tensor = tensor.t()
                 param = expected[name]
-                if tuple(tensor.shape) != tuple(param.shape):
+                target = param.chunk(3)["qkv".index(kind)] if kind in ("q", "k", "v") else param  # a view
+                tensor = tensor.t() if kind == "T" else tensor
+                if tuple(tensor.shape) != tuple(target.shape):
                     raise InputError(f"{file}: {hf_name} has shape {tuple(tensor.shape)} but the model built "
-                                     f"from config.json expects {tuple(param.shape)}: the checkpoint and "
+                                     f"from config.json expects {tuple(target.shape)}: the checkpoint and "
                                      f"config.json belong to different models")
                 with torch.no_grad():
-                    param.copy_(tensor)
-                loaded.add(name)
-        missing = [n for n in expected if n not in loaded]
+                    target.copy_(_hf_layout(tensor, kind, config.n_head, to_hf=False) if kind == "qkv_heads" else tensor)
+                loaded[name] = loaded.get(name, 0) + tensor.numel()
+        missing = [n for n, p in expected.items() if loaded.get(n, 0) < p.numel()]
         if missing:
-            raise InputError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {', '.join(missing[:3])}; "
-                             f"the download is incomplete or the checkpoint is not a GPT-2 model")
+            raise InputError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {', '.join(missing[:3])}; the "
+                             f"download is incomplete or the checkpoint is not a {ARCHS[config.model_type][0]} model")
         return model.eval()
 
     def save_pretrained(self, folder):
-        """config.json + model.safetensors in the Hugging Face GPT-2 layout (GPT2LMHeadModel loads it).
+        """config.json + model.safetensors in the Hugging Face layout of config.model_type (GPT2LMHeadModel,
+        GPTJForCausalLM, GPTNeoXForCausalLM or RobertaForSequenceClassification loads it).
         Atomic: written into a temporary folder that replaces `folder` at the end."""
+        config_json = config_to_hf(self.config, next(self.parameters()).dtype)  # first: raises on a bad config
         tmp, old = folder.rstrip("/") + ".tmp", folder.rstrip("/") + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        tensors = {}
-        for name, p in self.named_parameters():
-            hf_name, transpose = ours_to_hf(name)
-            tensors[hf_name] = p.t() if transpose else p
+        tensors = {hf_name: t for name, p in self.named_parameters() for hf_name, t in ours_to_hf(name, p, self.config)}
         save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config_to_hf(self.config, next(self.parameters()).dtype), f, indent=2)
+            json.dump(config_json, f, indent=2)
         if os.path.exists(folder):
             os.replace(folder, old)
         os.replace(tmp, folder)
@@ -559,7 +664,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint files, config.json and the key table
+# Checkpoint files, config.json and the key tables
 
 HUB_URL = "https://huggingface.co/{name}/resolve/main/{file}"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -635,70 +740,349 @@ def read_tensors(path):
 
 
 def config_from_hf(path):
-    """GPTConfig from a Hugging Face config.json (model_type gpt2)."""
+    """GPTConfig from a Hugging Face config.json: model_type gpt2, gptj, gpt_neox (GPT-NeoX, Pythia) or roberta
+    (RobertaForSequenceClassification). Unsupported settings raise InputError naming the file."""
     hf = _read_json(path)
     if not isinstance(hf, dict):
         raise InputError(f"{path}: expected a JSON object of settings; copy config.json from the model's hub page")
-    if hf.get("model_type") != "gpt2":
-        raise InputError(f"{path}: model_type {hf.get('model_type')!r} is not supported; "
-                         f"pass a GPT-2 checkpoint (model_type 'gpt2')")
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-        raise InputError(f"{path}: scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
-        raise InputError(f"{path}: activation_function {act!r} is not supported (gelu_new or gelu)")
-    missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if not isinstance(hf.get(k), int)]
-    if missing:
-        raise InputError(f"{path}: no integer {', '.join(missing)}; copy config.json from the model's hub page")
-    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
-                     n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner"),
-                     layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation="gelu" if act == "gelu" else "gelu_new",
-                     tie_word_embeddings=hf.get("tie_word_embeddings", True))
+    if hf.get("model_type") not in ARCHS:
+        raise InputError(f"{path}: model_type {hf.get('model_type')!r} is not supported; pass a GPT-2 checkpoint "
+                         f"(model_type gpt2) or a GPT-J (gptj), GPT-NeoX/Pythia (gpt_neox) or RoBERTa classifier (roberta) one")
+    try:
+        return _config_from_dict(hf, path)
+    except InputError:
+        raise
+    except ValueError as e:  # GPTConfig's own checks, e.g. rotary_dim larger than the head
+        raise InputError(f"{path}: {e}") from None
+
+
+def _config_from_dict(hf, path):
+    def ints(*keys):
+        missing = [k for k in keys if not isinstance(hf.get(k), int)]
+        if missing:
+            raise InputError(f"{path}: no integer {', '.join(missing)}; copy config.json from the model's hub page")
+        return [hf[k] for k in keys]
+
+    def unsupported(bad, what, allowed=""):
+        if bad:
+            raise InputError(f"{path}: {what} is not supported" + (f" ({allowed})" if allowed else ""))
+
+    def activation(key, default):
+        act = hf.get(key, default)
+        unsupported(act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"), f"{key} {act!r}", "gelu or gelu_new")
+        return "gelu" if act == "gelu" else "gelu_new"  # the others are the same tanh approximation
+
+    mt = hf["model_type"]
+    if mt == "gpt2":
+        unsupported(hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"),
+                    "scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn")
+        V, L, H, C = ints("vocab_size", "n_layer", "n_head", "n_embd")
+        return GPTConfig(vocab_size=V, block_size=hf.get("n_positions", 1024), n_layer=L, n_head=H, n_embd=C,
+                         n_inner=hf.get("n_inner"), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                         activation=activation("activation_function", "gelu_new"),
+                         tie_word_embeddings=hf.get("tie_word_embeddings", True))
+    if mt == "gptj":  # rotary (interleaved pairs) on rotary_dim dims, one LayerNorm for a parallel block
+        V, L, H, C = ints("vocab_size", "n_layer", "n_head", "n_embd")
+        return GPTConfig(model_type=mt, vocab_size=V, block_size=hf.get("n_positions", 2048), n_layer=L, n_head=H,
+                         n_embd=C, n_inner=hf.get("n_inner"), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                         activation=activation("activation_function", "gelu_new"), pos_embedding="rotary",
+                         rotary_dim=hf.get("rotary_dim", 64), rotary_interleaved=True, parallel_residual=True,
+                         shared_layernorm=True, attn_bias=False, lm_head_bias=True,
+                         tie_word_embeddings=hf.get("tie_word_embeddings", False))
+    if mt == "gpt_neox":  # rotary (rotate-half pairs) on rotary_pct of each head, fused per-head qkv
+        V, L, H, C, inner = ints("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size",
+                                 "intermediate_size")
+        # transformers >= 5 writes rope_parameters {rope_theta, partial_rotary_factor} (it wins, as in transformers);
+        # older files have rotary_emb_base and rotary_pct
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        unsupported(kind != "default", f"rope_type {kind!r}", "only unscaled rotary embeddings")
+        unsupported(hf.get("head_dim") not in (None, C // H),
+                    f"head_dim {hf.get('head_dim')} != hidden_size / num_attention_heads")
+        theta = rope.get("rope_theta", hf.get("rotary_emb_base", hf.get("rope_theta", 10000)))
+        pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", hf.get("partial_rotary_factor", 0.25)))
+        return GPTConfig(model_type=mt, vocab_size=V, block_size=hf.get("max_position_embeddings", 2048), n_layer=L,
+                         n_head=H, n_embd=C, n_inner=inner, layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+                         activation=activation("hidden_act", "gelu"), pos_embedding="rotary",
+                         rotary_dim=int(C // H * pct), rotary_base=float(theta),
+                         parallel_residual=hf.get("use_parallel_residual", True), attn_bias=hf.get("attention_bias", True),
+                         tie_word_embeddings=hf.get("tie_word_embeddings", False))
+    # roberta: a bidirectional post-LayerNorm encoder with a classification head on <s>
+    archs = hf.get("architectures") or ["RobertaForSequenceClassification"]
+    unsupported(archs != ["RobertaForSequenceClassification"], f"architectures {archs}",
+                "only RobertaForSequenceClassification")
+    unsupported(hf.get("is_decoder") or hf.get("add_cross_attention"), "a RoBERTa decoder (is_decoder, add_cross_attention)")
+    unsupported(hf.get("position_embedding_type", "absolute") != "absolute",
+                f"position_embedding_type {hf.get('position_embedding_type')!r}", "only absolute")
+    V, L, H, C, inner, pad = ints("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size",
+                                  "intermediate_size", "pad_token_id")
+    id2label = hf.get("id2label") or {}
+    labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+    num_labels = hf.get("num_labels") or len(labels) or 2  # transformers' default is 2
+    return GPTConfig(model_type=mt, vocab_size=V, block_size=hf.get("max_position_embeddings", 512), n_layer=L, n_head=H,
+                     n_embd=C, n_inner=inner, layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+                     activation=activation("hidden_act", "gelu"), causal=False, post_layernorm=True,
+                     embedding_layernorm=True, type_vocab_size=hf.get("type_vocab_size", 2), pos_offset=pad + 1,
+                     pad_token_id=pad, num_labels=num_labels, labels=labels if len(labels) == num_labels else (),
+                     tie_word_embeddings=False)
 
 
 def config_to_hf(config, dtype=torch.float32):
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
-            "n_positions": config.block_size, "n_ctx": config.block_size, "n_layer": config.n_layer,
-            "n_head": config.n_head, "n_embd": config.n_embd, "n_inner": config.n_inner,
-            "activation_function": config.activation, "layer_norm_epsilon": config.layer_norm_eps,
-            "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
-            "tie_word_embeddings": config.tie_word_embeddings, "bos_token_id": 50256, "eos_token_id": 50256,
-            "torch_dtype": str(dtype).removeprefix("torch.")}
+    """The config.json of config.model_type's Hugging Face layout. Raises ValueError when the flags are not
+    that architecture's (e.g. a GPT-2 with parallel_residual): transformers would load it as a different model."""
+    c, hs = config, config.n_embd // config.n_head
+    drop, tied, dt = c.dropout, c.tie_word_embeddings, str(dtype).removeprefix("torch.")
+    if c.model_type == "gpt2":
+        hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+              "n_positions": c.block_size, "n_ctx": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head,
+              "n_embd": c.n_embd, "n_inner": c.n_inner, "activation_function": c.activation,
+              "layer_norm_epsilon": c.layer_norm_eps, "resid_pdrop": drop, "embd_pdrop": drop, "attn_pdrop": drop,
+              "tie_word_embeddings": tied, "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": dt}
+    elif c.model_type == "gptj":
+        hf = {"architectures": ["GPTJForCausalLM"], "model_type": "gptj", "vocab_size": c.vocab_size,
+              "n_positions": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+              "n_inner": c.n_inner, "rotary_dim": c.rotary_dim, "activation_function": c.activation,
+              "layer_norm_epsilon": c.layer_norm_eps, "resid_pdrop": drop, "embd_pdrop": drop, "attn_pdrop": drop,
+              "tie_word_embeddings": tied, "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": dt}
+    elif c.model_type == "gpt_neox":
+        pct = (c.rotary_dim or 0) / hs
+        hf = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": c.vocab_size,
+              "max_position_embeddings": c.block_size, "num_hidden_layers": c.n_layer,
+              "num_attention_heads": c.n_head, "hidden_size": c.n_embd, "intermediate_size": c.n_inner or 4 * c.n_embd,
+              "hidden_act": c.activation, "layer_norm_eps": c.layer_norm_eps, "use_parallel_residual": c.parallel_residual,
+              "attention_bias": c.attn_bias, "rope_parameters": {"rope_type": "default", "rope_theta": c.rotary_base,
+                                                                 "partial_rotary_factor": pct},
+              "rotary_pct": pct, "rotary_emb_base": c.rotary_base,  # the keys of transformers < 5
+              "attention_dropout": drop, "hidden_dropout": drop, "tie_word_embeddings": tied, "torch_dtype": dt}
+    else:
+        labels = c.labels or tuple(f"LABEL_{i}" for i in range(c.num_labels))
+        hf = {"architectures": ["RobertaForSequenceClassification"], "model_type": "roberta", "vocab_size": c.vocab_size,
+              "max_position_embeddings": c.block_size, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+              "hidden_size": c.n_embd, "intermediate_size": c.n_inner or 4 * c.n_embd, "hidden_act": c.activation,
+              "layer_norm_eps": c.layer_norm_eps, "type_vocab_size": c.type_vocab_size, "pad_token_id": c.pad_token_id,
+              "bos_token_id": 0, "eos_token_id": 2, "position_embedding_type": "absolute",
+              "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)},
+              "hidden_dropout_prob": drop, "attention_probs_dropout_prob": drop, "torch_dtype": dt}
+    # the file must describe this very model: read it back and compare (dropout and label names aside)
+    def norm(x):
+        return dataclasses.replace(x, dropout=0.0, n_inner=x.n_inner or 4 * x.n_embd, labels=(),
+                                   tie_word_embeddings=x.tie_word_embeddings and not x.num_labels)
+    try:
+        back = _config_from_dict(hf, "config")
+    except ValueError as e:
+        raise ValueError(f"cannot write a {c.model_type} config.json: {e}") from None
+    diff = [f"{f.name}={getattr(c, f.name)!r}" for f in dataclasses.fields(c)
+            if getattr(norm(back), f.name) != getattr(norm(c), f.name)]
+    if diff:
+        raise ValueError(f"a {c.model_type} checkpoint cannot express {', '.join(diff)}: set model_type to the "
+                         f"architecture these flags describe")
+    return hf
 
 
-# HF GPT-2 name (with "transformer." stripped and the layer index as {}) -> (our name, transposed).
-# GPT-2 stores its linear layers as Conv1D with weight (in, out): those are transposed into nn.Linear.
-GPT2_KEYS = {
-    "wte.weight": ("wte.weight", False),
-    "wpe.weight": ("wpe.weight", False),
-    "ln_f.weight": ("ln_f.weight", False),
-    "ln_f.bias": ("ln_f.bias", False),
-    "lm_head.weight": ("lm_head.weight", False),  # only in untied checkpoints
-    **{f"h.{{}}.{ln}.{p}": (f"h.{{}}.{ln}.{p}", False) for ln in ("ln_1", "ln_2") for p in ("weight", "bias")},
-    **{f"h.{{}}.{lin}.weight": (f"h.{{}}.{lin}.weight", True) for lin in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")},
-    **{f"h.{{}}.{lin}.bias": (f"h.{{}}.{lin}.bias", False) for lin in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")},
+# Key tables: Hugging Face name pattern -> (our name pattern, kind), "{}" standing for the layer index. Our names
+# follow GPT-2's (llm.c's approach). kind: "" copy; "T" transpose (GPT-2 stores Linears as Conv1D, weight (in, out));
+# "q", "k", "v" a third of our fused c_attn rows [q; k; v]; "qkv_heads" GPT-NeoX's fused rows, ordered (nh, 3, hs).
+def _keys(*rows):
+    def expand(hf, ours, params="weight bias", kind=""):
+        return {f"{hf}.{p}": (f"{ours}.{p}", kind) for p in params.split()}
+    return {k: v for row in rows for k, v in expand(*row).items()}
+
+
+GPT2_KEYS = _keys(
+    ("transformer.wte", "wte", "weight"), ("transformer.wpe", "wpe", "weight"), ("transformer.ln_f", "ln_f"),
+    ("lm_head", "lm_head", "weight"),  # only in untied checkpoints
+    ("transformer.h.{}.ln_1", "h.{}.ln_1"), ("transformer.h.{}.ln_2", "h.{}.ln_2"),
+    *[(f"transformer.h.{{}}.{lin}", f"h.{{}}.{lin}", p, kind)  # Conv1D weights: transposed
+      for lin in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") for p, kind in (("weight", "T"), ("bias", ""))])
+GPTJ_KEYS = _keys(
+    ("transformer.wte", "wte", "weight"), ("transformer.ln_f", "ln_f"), ("lm_head", "lm_head"),
+    ("transformer.h.{}.ln_1", "h.{}.ln_1"),
+    *[(f"transformer.h.{{}}.attn.{x}_proj", "h.{}.attn.c_attn", "weight", x) for x in "qkv"],
+    ("transformer.h.{}.attn.out_proj", "h.{}.attn.c_proj", "weight"),
+    ("transformer.h.{}.mlp.fc_in", "h.{}.mlp.c_fc"), ("transformer.h.{}.mlp.fc_out", "h.{}.mlp.c_proj"))
+NEOX_KEYS = _keys(
+    ("gpt_neox.embed_in", "wte", "weight"), ("gpt_neox.final_layer_norm", "ln_f"), ("embed_out", "lm_head", "weight"),
+    ("gpt_neox.layers.{}.input_layernorm", "h.{}.ln_1"), ("gpt_neox.layers.{}.post_attention_layernorm", "h.{}.ln_2"),
+    ("gpt_neox.layers.{}.attention.query_key_value", "h.{}.attn.c_attn", "weight bias", "qkv_heads"),
+    ("gpt_neox.layers.{}.attention.dense", "h.{}.attn.c_proj"),
+    ("gpt_neox.layers.{}.mlp.dense_h_to_4h", "h.{}.mlp.c_fc"), ("gpt_neox.layers.{}.mlp.dense_4h_to_h", "h.{}.mlp.c_proj"))
+ROBERTA_KEYS = _keys(
+    ("roberta.embeddings.word_embeddings", "wte", "weight"), ("roberta.embeddings.position_embeddings", "wpe", "weight"),
+    ("roberta.embeddings.token_type_embeddings", "wtt", "weight"), ("roberta.embeddings.LayerNorm", "ln_e"),
+    *[(f"roberta.encoder.layer.{{}}.attention.self.{n}", "h.{}.attn.c_attn", "weight bias", x)
+      for n, x in (("query", "q"), ("key", "k"), ("value", "v"))],
+    ("roberta.encoder.layer.{}.attention.output.dense", "h.{}.attn.c_proj"),
+    ("roberta.encoder.layer.{}.attention.output.LayerNorm", "h.{}.ln_1"),  # post-LN: after the attention sum
+    ("roberta.encoder.layer.{}.intermediate.dense", "h.{}.mlp.c_fc"),
+    ("roberta.encoder.layer.{}.output.dense", "h.{}.mlp.c_proj"), ("roberta.encoder.layer.{}.output.LayerNorm", "h.{}.ln_2"),
+    ("classifier.dense", "cls_dense"), ("classifier.out_proj", "cls_proj"))
+_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers of old GPT-2/GPT-J checkpoints
+# model_type -> (name in messages, prefix a base-model checkpoint omits, key table, keys deliberately skipped)
+ARCHS = {
+    "gpt2": ("GPT-2", "transformer.", GPT2_KEYS, _BUFFERS),
+    "gptj": ("GPT-J", "transformer.", GPTJ_KEYS, _BUFFERS),
+    "gpt_neox": ("GPT-NeoX", "gpt_neox.", NEOX_KEYS,
+                 re.compile(r"layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")),
+    "roberta": ("RoBERTa", "roberta.", ROBERTA_KEYS,  # the pooler is unused by the classifier (transformers drops it too)
+                re.compile(r"embeddings\.position_ids$|pooler\.dense\.(weight|bias)$")),
 }
-GPT2_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers of old checkpoints
 
 
 def hf_to_ours(hf_name, config, file="checkpoint"):
-    """Maps one checkpoint key; returns (None, False) for keys we deliberately skip; raises on unknown ones."""
-    name = hf_name.removeprefix("transformer.")
-    if GPT2_IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
-        return None, False  # a tied head is the token embedding; its copy in the file is not loaded
-    m = re.match(r"h\.(\d+)\.(.*)$", name)
-    pattern = f"h.{{}}.{m.group(2)}" if m else name
-    if pattern not in GPT2_KEYS or (m and int(m.group(1)) >= config.n_layer):
-        raise InputError(f"{file}: unknown key {hf_name!r} for a {config.n_layer}-layer GPT-2; "
+    """Maps one checkpoint key to (our name, kind); (None, None) for keys we deliberately skip; raises on unknown ones."""
+    arch, prefix, table, skipped = ARCHS[config.model_type]
+    m = re.search(r"\.(\d+)\.", hf_name)
+    pattern = f"{hf_name[:m.start()]}.{{}}.{hf_name[m.end():]}" if m else hf_name
+    pattern = pattern if pattern in table else prefix + pattern  # GPT2Model-style files lack "transformer."
+    if skipped.search(hf_name):
+        return None, None
+    if pattern not in table or (m and int(m.group(1)) >= config.n_layer):
+        raise InputError(f"{file}: unknown key {hf_name!r} for a {config.n_layer}-layer {arch}; "
                          f"the checkpoint is from another architecture or config.json does not match it")
-    ours, transposed = GPT2_KEYS[pattern]
-    return (ours.format(m.group(1)) if m else ours), transposed
+    ours, kind = table[pattern]
+    if ours == "lm_head.weight" and config.tie_word_embeddings:
+        return None, None  # a tied head is the token embedding; its copy in the file is not loaded
+    return (ours.format(m.group(1)) if m else ours), kind
 
 
-def ours_to_hf(name):
+def ours_to_hf(name, tensor, config):
+    """[(Hugging Face name, tensor in its layout)] for one of our parameters: three for a GPT-J/RoBERTa c_attn."""
     m = re.match(r"h\.(\d+)\.(.*)$", name)
     pattern = f"h.{{}}.{m.group(2)}" if m else name
-    for hf, (ours, transposed) in GPT2_KEYS.items():
-        if ours == pattern:
-            return "transformer." + (hf.format(m.group(1)) if m else hf) if hf != "lm_head.weight" else hf, transposed
-    raise KeyError(name)
+    out = [(hf.format(m.group(1)) if m else hf, _hf_layout(tensor, kind, config.n_head, to_hf=True))
+           for hf, (ours, kind) in ARCHS[config.model_type][2].items() if ours == pattern]
+    if not out:
+        raise KeyError(name)
+    return out
+
+
+def _hf_layout(t, kind, n_head, to_hf):
+    """A tensor moved between the Hugging Face layout and ours (see the key tables for `kind`)."""
+    if kind == "T":
+        return t.t()
+    if kind == "qkv_heads":  # rows (nh, 3, hs) in the file, (3, nh, hs) in our c_attn
+        return t.unflatten(0, (3, n_head, -1) if to_hf else (n_head, 3, -1)).transpose(0, 1).reshape(t.shape)
+    if kind in ("q", "k", "v") and to_hf:
+        return t.chunk(3)["qkv".index(kind)]
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters (Hu et al. 2021, arXiv:2106.09685): y = W x + (alpha / r) B A x with W frozen and only the
+# low-rank A (r, in) and B (out, r) trained. B starts at zero, so the adapted model starts equal to the base
+# model, and the DPO reference is the same model with its adapters switched off: no second copy of the weights.
+
+import contextlib  # noqa: E402  (used by this section only)
+
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the linear layers of every block
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update:
+
+        y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        W (out, in), A (r, in), B (out, r)
+
+    It keeps the wrapped nn.Linear's own `weight` and `bias` Parameters under the same names, so checkpoint
+    keys (h.0.attn.c_attn.weight) do not change; the adapters are `lora_A` and `lora_B`, float32 whatever the
+    dtype of W. A is initialised like an nn.Linear weight (uniform, bound 1/sqrt(in)), B to zero (Sec. 4.1)."""
+
+    def __init__(self, linear, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_parameter("weight", linear.weight.requires_grad_(False))
+        self.register_parameter("bias", None if linear.bias is None else linear.bias.requires_grad_(False))
+        device = linear.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True  # False: the plain frozen layer (lora_disabled)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        a = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        return y + (F.linear(a, self.lora_B) * self.scale).to(y.dtype)
+
+    def merged_weight(self):
+        """W + (alpha / r) B A, summed in float32, in W's dtype: (out, in)."""
+        return (self.weight.float() + self.scale * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+
+
+def add_lora(model, rank, alpha=None, dropout=0.0, targets=LORA_TARGETS):
+    """Freezes every weight of `model` and wraps the `targets` linear layers of every block in LoRALinear
+    adapters, in place. alpha defaults to rank (scale 1). Returns the model; only the adapters train."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    model.requires_grad_(False)
+    for block in model.h:
+        for target in targets:
+            parent, name = target.rsplit(".", 1)
+            module = block.get_submodule(parent)
+            setattr(module, name, LoRALinear(getattr(module, name), rank, rank if alpha is None else alpha, dropout))
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def lora_state_dict(model):
+    """{name: tensor} of the adapters only (what a LoRA run must save to resume)."""
+    return {n: p.detach() for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+
+
+def load_lora_state_dict(model, tensors, source="adapters"):
+    """Copies saved adapters into a model prepared by add_lora with the same rank; raises InputError on a mismatch."""
+    params = lora_state_dict(model)
+    if set(tensors) != set(params):
+        raise InputError(f"{source}: {len(tensors)} adapter tensors, the model has {len(params)} (e.g. "
+                         f"{sorted(set(tensors) ^ set(params))[:2]}); pass the --lora-rank and model it was trained with")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise InputError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, the model expects "
+                                 f"{tuple(p.shape)}; pass the --lora-rank it was trained with")
+            p.copy_(tensors[name])
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Inside the block the model is the frozen base model: every adapter switched off (the DPO reference)."""
+    layers = lora_layers(model)
+    before = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(layers, before):
+            m.enabled = enabled
+
+
+@contextlib.contextmanager
+def lora_merged(model, device=None):
+    """Inside the block every LoRALinear is replaced by a plain nn.Linear holding W + (alpha / r) B A, so the
+    model is an ordinary GPT: save_pretrained writes the merged weights in the Hugging Face layout. The
+    adapted layers are put back afterwards, untouched: the merge is a new tensor, never added into W and
+    subtracted again (which would round W in bfloat16). device="cpu" builds the merged tensors in host memory."""
+    swapped = []
+    try:
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, LoRALinear):
+                    with torch.device("meta"):
+                        plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                    with torch.no_grad():
+                        merged = child.merged_weight()
+                    plain.weight = nn.Parameter(merged.to(device) if device else merged, requires_grad=False)
+                    if child.bias is not None:
+                        plain.bias = child.bias
+                    setattr(module, name, plain)
+                    swapped.append((module, name, child))
+        yield model
+    finally:
+        for module, name, child in swapped:
+            setattr(module, name, child)

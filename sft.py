@@ -224,27 +224,33 @@ def sequence_loss(model, prompts, completions, objective="nll", rejected=None, a
     """
     if objective not in ("nll", "unlikelihood"):
         raise ValueError(f"objective must be 'nll' or 'unlikelihood', not {objective!r}")
-    if objective == "nll":
-        logps, mask = completion_token_logps(model, prompts, completions)  # (B, T)
-        chosen_logps = (logps * mask).sum(-1)  # (B,)
-        return -chosen_logps.mean(), {"chosen_logps": chosen_logps.detach(), "rejected_logps": None}  # (1)
-    if rejected is None or len(rejected) != len(prompts):
+    if objective == "unlikelihood" and (rejected is None or len(rejected) != len(prompts)):
         raise ValueError("objective 'unlikelihood' needs one rejected completion per prompt")
     B = len(prompts)
-    logps, mask = completion_token_logps(model, list(prompts) * 2, list(completions) + list(rejected))  # (2B, T)
-    chosen_logps = (logps[:B] * mask[:B]).sum(-1)  # (B,)
-    unlikelihood = (log1m_exp(logps[B:]) * mask[B:]).sum(-1)  # (B,)  (2)
+    rows = list(zip(prompts, completions)) + (list(zip(prompts, rejected)) if objective == "unlikelihood" else [])
+    # each distinct (prompt, completion) is scored once and indexed back (the 6 pairs of 4 IMDb samples
+    # hold 3 distinct chosen and 4 distinct rows in all); indexing sums the gradients of the copies
+    seen = {}
+    index = torch.tensor([seen.setdefault((tuple(p), tuple(c)), len(seen)) for p, c in rows])  # (B or 2B,)
+    logps, mask = completion_token_logps(model, [list(p) for p, _ in seen], [list(c) for _, c in seen])  # (N, T)
+    seq = (logps * mask).sum(-1)  # (N,) log pi(y|x) of each distinct row
+    chosen_logps = seq[index[:B]]  # (B,)
+    if objective == "nll":
+        return -chosen_logps.mean(), {"chosen_logps": chosen_logps.detach(), "rejected_logps": None}  # (1)
+    unlikelihood = (log1m_exp(logps) * mask).sum(-1)[index[B:]]  # (B,)  (2)
     loss = -(chosen_logps + alpha * unlikelihood).mean()  # (3)
-    return loss, {"chosen_logps": chosen_logps.detach(), "rejected_logps": (logps[B:] * mask[B:]).sum(-1).detach()}
+    return loss, {"chosen_logps": chosen_logps.detach(), "rejected_logps": seq[index[B:]].detach()}
 
 
 def train_sequences(model, prompts, completions, steps=None, epochs=None, batch_size=16, lr=1e-4,
                     objective="nll", rejected=None, alpha=1.0, warmup=10, weight_decay=0.0,
-                    generator=None, log=print, log_every=None):
+                    generator=None, log=print, log_every=None, groups=None):
     """Supervised training on (prompt, completion) token lists; the loss counts completion tokens only
     (sequence_loss). Give `steps` or `epochs` (batches are drawn without replacement, reshuffled every
-    epoch with `generator`). AdamW, linear warmup to a constant lr, gradient clipping at norm 1.0, as the
-    authors' trainer does for DPO, so that the baselines and DPO differ only in the loss.
+    epoch with `generator`; with `groups`, one label per example, examples of one group stay together, as
+    DPO's batches keep the pairs of one prompt together). AdamW, linear warmup to a constant lr, gradient
+    clipping at norm 1.0, as the authors' trainer does for DPO, so that the baselines and DPO differ only
+    in the loss.
     Returns the per-step losses."""
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps and epochs")
@@ -260,7 +266,7 @@ def train_sequences(model, prompts, completions, steps=None, epochs=None, batch_
     bar = Progress(steps, label=objective, unit="step")
     for step in range(steps):
         if not order:
-            order = torch.randperm(len(prompts), generator=generator).tolist()
+            order = data.epoch_order([{"group": g} for g in groups] if groups is not None else prompts, generator)
         idx, order = order[:batch_size], order[batch_size:]
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
