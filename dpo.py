@@ -398,10 +398,11 @@ def batch_logps(model, batch, average=False):
     """One concatenated forward of the 2B rows (chosen then rejected): log pi(y|x) per row, (2B,).
     The head runs on response positions only (GPT.logps); equal to sequence_logps(model(ids), ids, mask).
     A batch from collate_pairs(..., distinct=True) scores each distinct row once and maps it back."""
+    if not isinstance(model, GPT):  # a LogpsModule, or DDP/FSDP around one: this function inside its forward()
+        return model(batch, average)
     if "response_ids" in batch:  # a collate_shared batch: each prompt computed once
         return shared_prompt_logps(model, batch, average)
-    logps_of = model.logps if isinstance(model, GPT) else model  # a LogpsModule (or DDP/FSDP around one)
-    token = logps_of(batch["input_ids"], batch["loss_mask"])  # (N, T)
+    token = model.logps(batch["input_ids"], batch["loss_mask"])  # (N, T)
     logps = token.sum(-1)  # (N,)
     if average:
         logps = logps / batch["loss_mask"].sum(-1).clamp(min=1)
@@ -718,16 +719,16 @@ def reference_logps_all(reference, items, micro_batch_size, device, dtype, avera
 
 
 class LogpsModule(nn.Module):
-    """GPT.logps as the forward() of a module. DistributedDataParallel synchronises gradients, and FSDP
-    gathers parameters, around the forward() of the module they wrap; GPT.forward returns logits, not the
-    response log-probs DPO needs, and the output head runs after it. Wrapping this puts all of it inside."""
+    """batch_logps of a GPT as the forward() of a module. DistributedDataParallel synchronises gradients,
+    and FSDP gathers parameters, around the forward() of the module they wrap; GPT.forward returns logits,
+    not the response log-probs DPO needs, and the output head runs after it. Wrapping this puts it all inside."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, idx, target_mask):
-        return self.model.logps(idx, target_mask)  # (N, T)
+    def forward(self, batch, average=False):
+        return batch_logps(self.model, batch, average)  # (2B,)
 
 
 def wrap_for_processes(model, device, fsdp):
@@ -881,8 +882,11 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
     if ref_lp is None and cfg.precompute_ref:
         with reference_mode():
             ref_lp = {name: reference_logps_all(ref_fwd, items, cfg.micro_batch_size, device, dtype, cfg.average_logps,
-                                                rank, world) for name, items in (("train", train_items), ("eval", eval_items))}
+                                                rank, world)
+                      for name, items in (("train", train_items), ("eval", eval_items))}
         reference = ref_fwd = None  # freed: training holds only the policy
+    if cfg.fsdp:
+        fwd.reshard()  # a no-grad forward leaves the root's parameters gathered: no backward reshards them
     fwd.train()
 
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
@@ -913,7 +917,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
         os.remove(metrics_path)
     log(f"{len(train_items)} train pairs, {len(eval_items)} held-out | {total_steps} steps of {cfg.batch_size} "
         f"pairs | {policy.num_params() / 1e6:.1f}M parameters"
-        + (f", {sum(p.numel() for p in trainable) / 1e6:.2f}M trained (LoRA rank {cfg.lora_rank})" if lora else "")
+        + (f", {sum(p.numel() for p in trainable):,} trained (LoRA rank {cfg.lora_rank})" if lora else "")
         + f" | {device} {dtype}, weights {cfg.weights_dtype}"
         + (f" | {world} processes, {'FSDP' if cfg.fsdp else 'DDP'}" if world > 1 else ""))
 
@@ -930,8 +934,8 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
         for m, mb in enumerate(mbs):
             # DDP all-reduces the gradients in the last micro-batch's backward only; FSDP reduce-scatters them
             # in every backward, so that they stay sharded
-            last = m == len(mbs) - 1
-            with fwd.no_sync() if isinstance(fwd, nn.parallel.DistributedDataParallel) and not last else contextlib.nullcontext():
+            ddp_accumulate = isinstance(fwd, nn.parallel.DistributedDataParallel) and m < len(mbs) - 1
+            with fwd.no_sync() if ddp_accumulate else contextlib.nullcontext():
                 batch = {k_: v.to(device) for k_, v in collate_pairs([train_items[i] for i in mb], distinct=True).items()}
                 with autocast(device, dtype):
                     policy_logps = batch_logps(fwd, batch, cfg.average_logps).float()  # (2B,) one forward
@@ -997,6 +1001,8 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
                                                            cfg.average_logps, rank, world)
                 row.update(evaluate_pairs(cfg, fwd if cfg.fsdp else policy, eval_items, eval_ref, device, dtype,
                                           rank, world))
+                if cfg.fsdp:
+                    fwd.reshard()  # (as after the reference pass): the optimiser's state is keyed by the shards
             history.append(row)
             if rank == 0:
                 with open(metrics_path, "a") as f:
@@ -1177,6 +1183,7 @@ def memory_report(cfg):
         return memory_table(specs, cfg, world)
     c = model_shape(specs[0])
     e = estimate_memory(c, cfg, world)
+    other = estimate_memory(c, dataclasses.replace(cfg, grad_checkpoint=not cfg.grad_checkpoint), world)
     g = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
     opt = "RMSprop" if cfg.optimizer == "rmsprop" else "AdamW"
     act = "float32" if cfg.dtype == "float32" else "bfloat16 autocast"
@@ -1186,7 +1193,8 @@ def memory_report(cfg):
              f"  weights      {g(e['weights'])}  {cfg.weights_dtype}"
              + (f" + {e['trainable'] / 1e6:.1f}M float32 LoRA parameters (rank {cfg.lora_rank})" if cfg.lora_rank else ""),
              f"  gradients    {g(e['gradients'])}  one per trained parameter, {e['optimizer_dtype']}",
-             f"  optimizer    {g(e['optimizer'])}  {opt}: {e['states']} state tensor{'s' * (e['states'] > 1)} per trained parameter, "
+             f"  optimizer    {g(e['optimizer'])}  {opt}: {e['states']} state tensor{'s' * (e['states'] > 1)} per "
+             f"trained parameter, "
              f"{e['optimizer_dtype']} (torch keeps the state in the parameter's dtype)",
              f"  reference    {g(e['reference'])}  " + ("the policy with its LoRA adapters off" if cfg.lora_rank else
                                                         "--precompute-ref: one pass, then freed" if cfg.precompute_ref
@@ -1194,7 +1202,8 @@ def memory_report(cfg):
              f"  autocast     {g(e['autocast'])}  bfloat16 copies of float32 weights kept for backward",
              f"  activations  {g(e['activations'])}  {2 * cfg.micro_batch_size} rows x {cfg.max_length} tokens, "
              f"{e['per_layer'] / 2**20:.0f} MiB a block ({act})"
-             + (", --grad-checkpoint: block inputs + one block" if cfg.grad_checkpoint else f" x {c.n_layer} blocks"),
+             + (", --grad-checkpoint: block inputs + one block" if cfg.grad_checkpoint else f" x {c.n_layer} blocks")
+             + f" ({'without' if cfg.grad_checkpoint else 'with'} --grad-checkpoint: {other['activations'] / GiB:.2f} GiB)",
              f"  output head  {g(e['head'])}  {2 * cfg.micro_batch_size} rows x {cfg.max_length - cfg.max_prompt_length} "
              f"response tokens x {c.vocab_size} logits"]
     if e["fsdp_gathered"]:

@@ -469,7 +469,9 @@ class GPT(nn.Module):
             x = self.ln_e(x)
         x = self.drop(x)
         rope = rotary_tables(position_ids, c) if c.pos_embedding == "rotary" else None  # cos, sin (B, 1, T, rd/2)
-        checkpointing = getattr(self, "grad_checkpoint", False) and self.training and torch.is_grad_enabled()
+        # activation checkpointing (dpo.py --grad-checkpoint); not with a cache, which a recompute would update twice
+        checkpointing = (getattr(self, "grad_checkpoint", False) and self.training and torch.is_grad_enabled()
+                         and cache is None)
         for block in self.h:
             if checkpointing:  # keep only each block's input; recompute its insides during backward
                 x = torch.utils.checkpoint.checkpoint(block, x, mask, cache, rope, use_reentrant=False)
@@ -983,17 +985,18 @@ class LoRALinear(nn.Module):
         y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        W (out, in), A (r, in), B (out, r)
 
     It keeps the wrapped nn.Linear's own `weight` and `bias` Parameters under the same names, so checkpoint
-    keys (h.0.attn.c_attn.weight) do not change; the adapters are `lora_A` and `lora_B`, float32 whatever the
-    dtype of W. A is initialised like an nn.Linear weight (uniform, bound 1/sqrt(in)), B to zero (Sec. 4.1)."""
+    keys (h.0.attn.c_attn.weight) do not change; the adapters are `lora_A` and `lora_B`, float32 for bf16 or
+    float32 W (float64 for float64 W). A is initialised like an nn.Linear weight (uniform, bound 1/sqrt(in)),
+    B to zero (Sec. 4.1)."""
 
     def __init__(self, linear, rank, alpha, dropout=0.0):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_parameter("weight", linear.weight.requires_grad_(False))
         self.register_parameter("bias", None if linear.bias is None else linear.bias.requires_grad_(False))
-        device = linear.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        device, dtype = linear.weight.device, torch.promote_types(linear.weight.dtype, torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
@@ -1007,8 +1010,8 @@ class LoRALinear(nn.Module):
         return y + (F.linear(a, self.lora_B) * self.scale).to(y.dtype)
 
     def merged_weight(self):
-        """W + (alpha / r) B A, summed in float32, in W's dtype: (out, in)."""
-        return (self.weight.float() + self.scale * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+        """W + (alpha / r) B A, summed in the adapters' dtype (float32 at least), in W's dtype: (out, in)."""
+        return (self.weight.to(self.lora_A.dtype) + self.scale * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
 
 
 def add_lora(model, rank, alpha=None, dropout=0.0, targets=LORA_TARGETS):

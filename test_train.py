@@ -180,3 +180,26 @@ def test_micro_batches_sort_by_length_and_keep_groups():
     lengths = [max(dpo.pair_length(plain[i]) for i in mb) for mb in mbs]
     assert lengths == sorted(lengths, reverse=True) and [dpo.pair_length(plain[i]) for i in mbs[0]] == [10, 6]
     assert dpo.micro_batches(plain, [3, 1], 8) == [[3, 1]]  # one micro-batch: the step's order as it is
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "rotary"])
+def test_shared_prompt_forward_equals_concatenated_forward(arch):
+    """Each prompt computed once (collate_shared + shared_prompt_logps) gives the log-probs and the
+    gradients of the plain concatenated forward, with shared prompts, repeated responses and lengths that
+    differ on both sides (right-padded prompts: their padding must be masked for the responses)."""
+    torch.manual_seed(0)
+    extra = dict(pos_embedding="rotary", rotary_dim=8, parallel_residual=True) if arch == "rotary" else {}
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, **extra))
+    items = [tokenize_pair(p["prompt"], p["chosen"], p["rejected"]) for p in synthetic_pairs(6, seed=3)]
+    items.append(dict(items[0], rejected_ids=items[1]["chosen_ids"]))  # the prompt of pair 0 again
+    items.append(dict(items[2], chosen_ids=items[2]["rejected_ids"][:1]))  # a one-token response
+    shared = dpo.collate_shared(items)
+    assert len(shared["prompt_ids"]) == 6 and shared["prompt_lens"].tolist() != [shared["prompt_ids"].size(1)] * 6
+    a = dpo.batch_logps(m, collate_pairs(items, distinct=True))
+    b = dpo.batch_logps(m, shared)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-6)
+    w = torch.randn(len(a), generator=torch.Generator().manual_seed(0))
+    ga = torch.autograd.grad((a * w).sum(), list(m.parameters()))
+    gb = torch.autograd.grad((b * w).sum(), list(m.parameters()))
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
