@@ -82,8 +82,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import EOS, collate_pairs, decode, epoch_order, read_hh, read_imdb, read_jsonl_pairs, tokenize_pair
+from data import (EOS, collate_pairs, decode, epoch_order, hub_file, load_tokenizer, read_hh, read_imdb,
+                  read_jsonl_pairs, tokenize_pair)
 from model import (GPT, GPTConfig, InputError, Progress, add_lora, config_from_hf, keep_freed_memory,
+                   resolve_checkpoint,
                    load_lora_state_dict, load_safetensors, lora_disabled, lora_merged, lora_state_dict,
                    save_safetensors, token_logps)
 
@@ -334,6 +336,8 @@ class TrainConfig:
     save_every: int = field(500, "write the checkpoint every N steps (and at the end)")
     keep_checkpoints: bool = field(False, "also keep a copy of every saved checkpoint as step-N/")
     precompute_ref: bool = field(False, "one pass computes all reference log-probs, then the reference model is freed")
+    share_prompt: bool = field(True, "compute each prompt once for its chosen and rejected responses (keys and values "
+                               "shared, gradients through both); --no-share-prompt: one row per prompt+response")
     weights_dtype: str = field("float32", "float32 or bfloat16: the dtype the policy and reference are loaded in "
                                "(shard by shard, never a float32 copy). bfloat16 halves weight memory; gradients "
                                "and optimiser state take the parameters' dtype, so full fine-tuning at lr 1e-6 "
@@ -430,8 +434,9 @@ class SharedPrompt:
 def collate_shared(items, pad_id=EOS):
     """Like collate_pairs(distinct=True), with each distinct prompt stored once:
         prompt_ids (B', P) right-padded, prompt_lens (B',); response_ids (N, R) right-padded,
-        response_lens (N,), row_prompt (N,) the prompt of each distinct row; row_index (2B,) the distinct
-        row of each pair row (chosen rows 0..B-1, then rejected rows B..2B-1)."""
+        row_lens (N,), row_prompt (N,) the prompt of each distinct row; row_index (2B,) the distinct
+        row of each pair row (chosen rows 0..B-1, then rejected rows B..2B-1); response_lens (2B,) as
+        collate_pairs gives them."""
     prompts, rows, row_index = {}, {}, []
     for side in ("chosen_ids", "rejected_ids"):
         for it in items:
@@ -445,10 +450,31 @@ def collate_shared(items, pad_id=EOS):
             out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         return out, torch.tensor([len(s) for s in seqs], dtype=torch.long)
     prompt_ids, prompt_lens = pad(list(prompts))
-    response_ids, response_lens = pad([r for _, r in rows])
+    response_ids, row_lens = pad([r for _, r in rows])
+    row_index = torch.tensor(row_index, dtype=torch.long)
     return {"prompt_ids": prompt_ids, "prompt_lens": prompt_lens, "response_ids": response_ids,
-            "response_lens": response_lens, "row_prompt": torch.tensor([p for p, _ in rows], dtype=torch.long),
-            "row_index": torch.tensor(row_index, dtype=torch.long)}
+            "row_lens": row_lens, "response_lens": row_lens[row_index], "row_prompt": torch.tensor([p for p, _ in rows], dtype=torch.long),
+            "row_index": row_index}
+
+
+def shares_prompt(cfg):
+    """Whether batches compute each prompt once: --share-prompt (default), except with --grad-checkpoint,
+    whose recomputation cannot replay the shared keys and values."""
+    return cfg.share_prompt and not cfg.grad_checkpoint
+
+
+def make_batch(items, device, share_prompt=True, pad_id=EOS):
+    """The tensors of one micro-batch on `device`: each prompt once (collate_shared, the default) or
+    prompt+response rows (collate_pairs), distinct rows scored once either way."""
+    batch = collate_shared(items, pad_id) if share_prompt else collate_pairs(items, pad_id, distinct=True)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def batch_tokens(batch):
+    """Real tokens a micro-batch computes (each shared prompt counted once)."""
+    if "response_ids" in batch:
+        return int(batch["prompt_lens"].sum() + batch["row_lens"].sum())
+    return int(batch["attention_mask"].sum())
 
 
 def shared_prompt_logps(model, batch, average=False):
@@ -465,7 +491,7 @@ def shared_prompt_logps(model, batch, average=False):
     prefix.recording = False
     P, R = prompt_ids.size(1), response_ids.size(1)
     prompt_mask = torch.arange(P, device=device) < batch["prompt_lens"][:, None]  # (B', P)
-    response_mask = torch.arange(R, device=device) < batch["response_lens"][:, None]  # (N, R)
+    response_mask = torch.arange(R, device=device) < batch["row_lens"][:, None]  # (N, R)
     mask = torch.cat([prompt_mask[row_prompt], response_mask], 1)  # (N, P+R) padded prompt keys are masked
     hr = model(response_ids, attention_mask=mask, cache=prefix, return_hidden=True)  # (N, R, C)
     hidden = torch.cat([last[row_prompt, None], hr[:, :-1]], 1)  # (N, R, C): position j predicts token j
@@ -473,19 +499,20 @@ def shared_prompt_logps(model, batch, average=False):
     rows = torch.arange(len(response_ids), device=device).unsqueeze(1).expand(-1, R)[response_mask]  # (M,)
     logps = torch.zeros(len(response_ids), dtype=lp.dtype, device=device).index_add(0, rows, lp)  # (N,)
     if average:
-        logps = logps / batch["response_lens"].clamp(min=1)
+        logps = logps / batch["row_lens"].clamp(min=1)
     return logps[batch["row_index"]]  # (2B,)
 
 
 @torch.no_grad()
-def reference_logps(reference, items, micro_batch_size, device, dtype="float32", average=False, show=True):
+def reference_logps(reference, items, micro_batch_size, device, dtype="float32", average=False, show=True,
+                    share_prompt=True, pad_id=EOS):
     """Reference log-probs of every pair, (P, 2) [chosen, rejected]: one pass, so that a training run
     (or every run of a beta sweep) needs no reference model in memory. show=False: no progress line."""
     reference.eval()
     out = torch.zeros(len(items), 2)  # (P, 2)
     bar = Progress(len(items), label="reference log-probs", unit="pairs", stream=None if show else io.StringIO())
     for mb in micro_batches(items, range(len(items)), micro_batch_size):  # similar lengths together
-        batch = {k: v.to(device) for k, v in collate_pairs([items[i] for i in mb], distinct=True).items()}
+        batch = make_batch([items[i] for i in mb], device, share_prompt, pad_id)
         with autocast(device, dtype):
             lp = batch_logps(reference, batch, average).float()  # (2B,)
         out[mb] = torch.stack(lp.chunk(2), dim=1).cpu()  # (B, 2)
@@ -534,11 +561,13 @@ def load_pairs(cfg):
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
-def tokenize_all(pairs, cfg, what):
-    """Token ids of every pair; pairs that already carry ids (sampled completions, whose decoded text might
-    not re-encode to the same tokens) are kept as they are, with their "group"."""
+def tokenize_all(pairs, cfg, what, tokenizer=None):
+    """Token ids of every pair, with the model's tokenizer (None: GPT-2's); pairs that already carry ids
+    (sampled completions, whose decoded text might not re-encode to the same tokens) are kept as they are,
+    with their "group"."""
     items = [p if "prompt_ids" in p else
-             tokenize_pair(p["prompt"], p["chosen"], p["rejected"], cfg.max_length, cfg.max_prompt_length)
+             tokenize_pair(p["prompt"], p["chosen"], p["rejected"], cfg.max_length, cfg.max_prompt_length,
+                           tokenizer=tokenizer)
              for p in pairs]
     cut = sum(it.get("truncated", False) for it in items)
     if cut:
@@ -614,7 +643,7 @@ def check_config(cfg):
         raise InputError(f"--device {cfg.device}: this machine has no such device; use --device cpu (or auto)")
 
 
-def evaluate_pairs(cfg, policy, items, ref_lp, device, dtype, rank=0, world=1):
+def evaluate_pairs(cfg, policy, items, ref_lp, device, dtype, rank=0, world=1, pad_id=EOS):
     """Held-out loss, implicit-reward accuracy and margin. Under torchrun each process scores its share
     of the pairs (shard) and the sums are added over the processes."""
     share, n_real = shard(len(items), rank, world)
@@ -623,7 +652,7 @@ def evaluate_pairs(cfg, policy, items, ref_lp, device, dtype, rank=0, world=1):
     with torch.no_grad():
         for i in range(0, len(share), cfg.micro_batch_size):
             ids = share[i:i + cfg.micro_batch_size]
-            batch = {k: v.to(device) for k, v in collate_pairs([items[j] for j in ids], distinct=True).items()}
+            batch = make_batch([items[j] for j in ids], device, shares_prompt(cfg), pad_id)
             with autocast(device, dtype):
                 lp = batch_logps(policy, batch, cfg.average_logps).float()
             loss, cr, rr = loss_from_logps(cfg, lp, ref_lp[ids].to(device), batch)
@@ -637,7 +666,7 @@ def evaluate_pairs(cfg, policy, items, ref_lp, device, dtype, rank=0, world=1):
     return {"eval/loss": loss, "eval/accuracy": acc, "eval/margin": margin}
 
 
-def save_checkpoint(folder, policy, state):
+def save_checkpoint(folder, policy, state, tokenizer_file=None):
     """Model (HF layout) + train_state.pt in one folder, swapped in atomically: a kill at any moment
     leaves either the previous checkpoint or this one, never a mixture. A LoRA policy is saved with its
     adapters merged into the weights, W + (alpha/r) B A, and the adapters alone in adapters.safetensors."""
@@ -649,6 +678,8 @@ def save_checkpoint(folder, policy, state):
         save_safetensors(adapters, os.path.join(tmp, "adapters.safetensors"))
     else:
         policy.save_pretrained(tmp)
+    if tokenizer_file:  # a non-GPT-2 tokenizer travels with the weights, so the checkpoint loads as --model
+        shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
     torch.save(state, os.path.join(tmp, "train_state.pt.tmp"))
     os.replace(os.path.join(tmp, "train_state.pt.tmp"), os.path.join(tmp, "train_state.pt"))
     old = folder.rstrip("/") + ".old"
@@ -703,16 +734,18 @@ def all_reduce_sum(values, device):
     return dict(zip(values, t.tolist()))
 
 
-def reference_logps_all(reference, items, micro_batch_size, device, dtype, average, rank=0, world=1):
+def reference_logps_all(reference, items, micro_batch_size, device, dtype, average, rank=0, world=1,
+                        share_prompt=True, pad_id=EOS):
     """reference_logps of every pair, (P, 2). With several processes each scores its share and the shares
     are all-gathered, so that every process ends with the whole table."""
     if world == 1:
-        return reference_logps(reference, items, micro_batch_size, device, dtype, average)
+        return reference_logps(reference, items, micro_batch_size, device, dtype, average,
+                               share_prompt=share_prompt, pad_id=pad_id)
     share, _ = shard(len(items), rank, world)
     if not share:
         return torch.zeros(0, 2)
     mine = reference_logps(reference, [items[i] for i in share], micro_batch_size, device, dtype, average,
-                           show=rank == 0).to(device)  # (S, 2); NCCL gathers GPU tensors
+                           show=rank == 0, share_prompt=share_prompt, pad_id=pad_id).to(device)  # (S, 2); NCCL gathers GPU tensors
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine)
     return torch.cat(parts).cpu()[:len(items)]  # shares are contiguous: the padding is at the end
@@ -823,8 +856,14 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
 
     if train_pairs is None:
         train_pairs, eval_pairs = load_pairs(cfg)
-    train_items = tokenize_all(train_pairs, cfg, "train")
-    eval_items = tokenize_all(eval_pairs or [], cfg, "eval")
+    # the policy's own tokenizer: GPT-2's BPE, or a tokenizer.json (Pythia/NeoX) converted to tiktoken
+    if not cfg.model.startswith("random:"):
+        resolve_checkpoint(cfg.model)  # a missing folder or an offline hub name: that error first, in one line
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # padding is masked: any valid id
+    tokenizer_file = None if tokenizer.to_id is None else hub_file(cfg.model, "tokenizer.json")
+    train_items = tokenize_all(train_pairs, cfg, "train", tokenizer)
+    eval_items = tokenize_all(eval_pairs or [], cfg, "eval", tokenizer)
     if len(train_items) < cfg.batch_size:
         raise InputError(f"only {len(train_items)} training pairs, fewer than --batch-size {cfg.batch_size}; "
                          f"lower --batch-size or add data")
@@ -859,9 +898,10 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
     longest = max(len(it["prompt_ids"]) + max(len(it["chosen_ids"]), len(it["rejected_ids"]))
                   for it in train_items + eval_items)
     for spec, m in ((cfg.resume and ckpt or cfg.model, policy), (cfg.ref or "the reference model", reference)):
-        if m is not None and m.config.vocab_size < 50257:  # the data is GPT-2 BPE, EOS = 50256
+        if m is not None and m.config.vocab_size < tokenizer.vocab_size:
             raise InputError(f"{spec}: a vocabulary of {m.config.vocab_size} tokens, but the data is tokenised with "
-                             f"GPT-2's 50257; pass a model that uses the GPT-2 tokenizer")
+                             f"{tokenizer.name}'s {tokenizer.vocab_size}; pass a model that uses that tokenizer, "
+                             f"or put the model's tokenizer.json beside its weights")
         if m is not None and m.config.block_size < longest:
             raise InputError(f"{spec}: {m.config.block_size} positions, but the longest pair has {longest} tokens; "
                              f"lower --max-length to {m.config.block_size}")
@@ -882,7 +922,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
     if ref_lp is None and cfg.precompute_ref:
         with reference_mode():
             ref_lp = {name: reference_logps_all(ref_fwd, items, cfg.micro_batch_size, device, dtype, cfg.average_logps,
-                                                rank, world)
+                                                rank, world, shares_prompt(cfg), pad_id)
                       for name, items in (("train", train_items), ("eval", eval_items))}
         reference = ref_fwd = None  # freed: training holds only the policy
     if cfg.fsdp:
@@ -891,7 +931,9 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
 
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
     trainable = [p for p in fwd.parameters() if p.requires_grad]  # LoRA: the adapters only
-    optimizer = opt_cls(trainable, lr=cfg.lr)
+    fused = {"fused": True} if opt_cls is torch.optim.AdamW and device.split(":")[0] in ("cpu", "cuda") and not cfg.fsdp and \
+        all(p.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) for p in trainable) else {}
+    optimizer = opt_cls(trainable, lr=cfg.lr, **fused)  # fused AdamW: one kernel over all tensors
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     steps_per_epoch = len(train_items) // cfg.batch_size
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
@@ -936,7 +978,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
             # in every backward, so that they stay sharded
             ddp_accumulate = isinstance(fwd, nn.parallel.DistributedDataParallel) and m < len(mbs) - 1
             with fwd.no_sync() if ddp_accumulate else contextlib.nullcontext():
-                batch = {k_: v.to(device) for k_, v in collate_pairs([train_items[i] for i in mb], distinct=True).items()}
+                batch = make_batch([train_items[i] for i in mb], device, shares_prompt(cfg), pad_id)
                 with autocast(device, dtype):
                     policy_logps = batch_logps(fwd, batch, cfg.average_logps).float()  # (2B,) one forward
                 if ref_lp is not None:
@@ -959,7 +1001,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
                            "rewards/accuracies": (cr > rr).float(), "rewards/margins": cr - rr,
                            "logps/chosen": pc, "logps/rejected": pr}.items():
                 sums[key] += v.sum().item()
-            sums["tokens"] += int(batch["attention_mask"].sum())  # distinct rows: the tokens actually computed
+            sums["tokens"] += batch_tokens(batch)  # the tokens actually computed
         if world > 1:  # the whole step's metrics, and a fault on any process stops (or skips) on every one
             sums = all_reduce_sum({**sums, "fault": fault is not None}, device)
             if sums.pop("fault") and fault is None:
@@ -990,7 +1032,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
             log(f"step {step}/{total_steps} | skipped: {fault} | {skipped} skipped so far (--skip-nonfinite)")
         else:
             row = {"step": step, **{k_: v / cfg.batch_size for k_, v in sums.items()}, "grad_norm": grad_norm,
-                   "lr": lr, "tokens_per_s": n_tokens / dt}
+                   "lr": lr, "tokens_per_s": n_tokens / dt, "step_s": dt}
             if eval_items and (step % cfg.eval_every == 0 or step == total_steps):
                 if eval_ref is None:  # the reference never changes: its held-out log-probs are computed once
                     if ref_lp is not None:
@@ -998,9 +1040,9 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
                     else:
                         with reference_mode():
                             eval_ref = reference_logps_all(ref_fwd, eval_items, cfg.micro_batch_size, device, dtype,
-                                                           cfg.average_logps, rank, world)
+                                                           cfg.average_logps, rank, world, shares_prompt(cfg), pad_id)
                 row.update(evaluate_pairs(cfg, fwd if cfg.fsdp else policy, eval_items, eval_ref, device, dtype,
-                                          rank, world))
+                                          rank, world, pad_id))
                 if cfg.fsdp:
                     fwd.reshard()  # (as after the reference pass): the optimiser's state is keyed by the shards
             history.append(row)
@@ -1029,9 +1071,9 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
                 state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
                          "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "skipped": skipped}
                 try:
-                    save_checkpoint(ckpt, to_save, state)
+                    save_checkpoint(ckpt, to_save, state, tokenizer_file)
                     if cfg.keep_checkpoints:
-                        save_checkpoint(os.path.join(cfg.out, f"step-{step}"), to_save, state)
+                        save_checkpoint(os.path.join(cfg.out, f"step-{step}"), to_save, state, tokenizer_file)
                 except OSError as e:
                     failed = f"cannot write the checkpoint to {ckpt} ({e.strerror or e})"
             if world > 1 and all_reduce_sum({"failed": failed is not None}, device)["failed"]:  # (also a barrier)
@@ -1530,8 +1572,8 @@ def parse_args(argv=None, cls=TrainConfig):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        if f.type is bool:  # --flag / --no-flag
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             typ = {int: int, float: float}.get(f.type, str)
             parser.add_argument(flag, type=typ, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")

@@ -272,3 +272,47 @@ def test_flag_validation_and_head_errors():
         enc.classify(torch.randint(3, V, (1, 31)))
     with pytest.raises(ValueError, match="classify\\(\\) needs a classification head"):
         GPT(GPTConfig(**SHAPE, vocab_size=V)).classify(idx)
+
+
+def test_dpo_trains_a_neox_model_with_its_own_tokenizer(tmp_path):
+    """dpo.train on a Pythia-layout folder holding its own tokenizer.json (ids unlike GPT-2's, EOS = 0):
+    the pairs are tokenised with that tokenizer (ids equal the `tokenizers` library's), padded with its
+    EOS, and the checkpoint carries tokenizer.json so that it loads back as --model."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import random
+
+    import data
+    import dpo
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    words = "the a movie film plot actor scene story was is very good bad excellent awful".split()
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(200)]
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "pythia-tiny"
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(vocab_size=tok.get_vocab_size(), max_position_embeddings=128, num_hidden_layers=2,
+                                     num_attention_heads=2, hidden_size=32, intermediate_size=64, rotary_pct=0.5,
+                                     hidden_act="gelu", eos_token_id=0, bos_token_id=0)
+    transformers.GPTNeoXForCausalLM(cfg).save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    pairs = [{"prompt": " ".join(rng.choice(words) for _ in range(4)), "chosen": " excellent film", "rejected": " awful film"}
+             for _ in range(24)]
+    ours = data.load_tokenizer(str(folder))
+    assert ours.eos_id == 0 and ours.encode(pairs[0]["prompt"]) == tok.encode(pairs[0]["prompt"]).ids
+    tcfg = dpo.TrainConfig(model=str(folder), out=str(tmp_path / "run"), batch_size=8, micro_batch_size=4, steps=3,
+                           optimizer="adamw", lr=1e-3, warmup_steps=0, eval_every=3, save_every=3, device="cpu")
+    items = dpo.tokenize_all(pairs, tcfg, "train", ours)
+    assert items[0]["chosen_ids"] == tok.encode(" excellent film").ids + [0]  # EOS = 0 appended
+    policy, history = dpo.train(tcfg, pairs[:16], pairs[16:], log=lambda s: None)
+    assert history[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-5) and len(history) == 3
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert (ckpt / "tokenizer.json").read_text() == (folder / "tokenizer.json").read_text()
+    assert data.load_tokenizer(str(ckpt)).encode("the movie") == tok.encode("the movie").ids
+    reloaded = GPT.from_pretrained(str(ckpt))
+    assert reloaded.config.model_type == "gpt_neox"
+    for p, q in zip(policy.parameters(), reloaded.parameters()):
+        assert torch.equal(p, q)

@@ -274,7 +274,7 @@ def test_bad_config_json(tmp_path, good, capsys, edit, expected):
 def test_model_incompatible_with_the_data(tmp_path, good, capsys):
     small_vocab = checkpoint(tmp_path / "v", vocab_size=101)
     cli_error(capsys, args(good, tmp_path / "run", "--model", small_vocab), "a vocabulary of 101 tokens",
-              "pass a model that uses the GPT-2 tokenizer")
+              "pass a model that uses that tokenizer")
     short = checkpoint(tmp_path / "s", block_size=8)
     cli_error(capsys, args(good, tmp_path / "run", "--model", short), "8 positions, but the longest pair has",
               "lower --max-length to 8")
