@@ -81,7 +81,7 @@ def worker_ours_dpo(spec):
     cfg = dpo.TrainConfig(model=spec["model"], out=spec["out"], optimizer="adamw", lr=1e-6, warmup_steps=0,
                           batch_size=spec["batch"], micro_batch_size=spec["micro"], steps=spec["steps"],
                           eval_every=10 ** 9, save_every=10 ** 9, overwrite=True, max_length=1024,
-                          max_prompt_length=1024, seed=0, device=spec["device"], beta=spec.get("beta", 0.1),
+                          max_prompt_length=1023, seed=0, device=spec["device"], beta=spec.get("beta", 0.1),
                           share_prompt=spec.get("share_prompt", True))
     ref_lp, t_ref = None, 0.0
     if spec.get("precompute_ref"):
@@ -270,6 +270,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the fixed workload")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--hh-micro", type=int, default=1, help="our micro-batch (pairs) on HH")
+    parser.add_argument("--hh-pairs", type=int, default=256, help="the first N pairs of the HH sample")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of every side")
     parser.add_argument("--device", default="auto", help="cuda, mps or cpu")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
@@ -315,10 +316,10 @@ def main(argv=None):
                 n = args.warmup + args.steps
                 dpo_pair(f"fixed {shape} 8x(8+48)", shape, fixed_pairs(8 * n), n, args.warmup, 8)
         elif w == "hh":
-            pairs = hh_pairs()
-            dpo_pair("hh 4x256 256 pairs", "4x256", pairs, len(pairs) // 8, 2, args.hh_micro)
+            pairs = hh_pairs(args.hh_pairs)
+            dpo_pair(f"hh 4x256 {len(pairs)} pairs", "4x256", pairs, len(pairs) // 8, 2, args.hh_micro)
         elif w == "sweep":
-            pairs, shape = hh_pairs(), "4x256"
+            pairs, shape = hh_pairs(args.hh_pairs), "4x256"
             model = make_model(shape, os.path.join(tmp, shape), device)
             spec = {"model": model, "pairs": pairs, "batch": 8, "steps": len(pairs) // 8, "device": device,
                     "out": os.path.join(tmp, "run"), "micro": args.hh_micro, "ref_micro": 8}

@@ -87,7 +87,7 @@ from data import (EOS, collate_pairs, decode, epoch_order, hub_file, load_tokeni
 from model import (GPT, GPTConfig, InputError, Progress, add_lora, config_from_hf, keep_freed_memory,
                    resolve_checkpoint,
                    load_lora_state_dict, load_safetensors, lora_disabled, lora_merged, lora_state_dict,
-                   save_safetensors, token_logps)
+                   head_logps, save_safetensors, token_logps)
 
 LOSS_TYPES = ("dpo", "cdpo", "robust", "ipo", "hinge", "lndpo", "simpo")
 
@@ -322,6 +322,10 @@ class TrainConfig:
     average_logps: bool = field(False, "length-average sequence log-probs instead of summing (paper: sum)")
     optimizer: str = field("rmsprop", "rmsprop (paper) or adamw")
     lr: float = field(1e-6, "peak learning rate (paper: 1e-6)")
+    adam_eps: float = field(1e-8, "AdamW's epsilon. Adam moves every parameter about lr a step however small its "
+                            "gradient; a larger epsilon (the IMDb CPU preset: 1e-3) damps the parameters with tiny "
+                            "gradients, e.g. the head rows of tokens the data never prefers, which otherwise buy KL "
+                            "and no reward")
     warmup_steps: int = field(150, "linear warm-up steps (paper: 150)")
     batch_size: int = field(64, "pairs per optimiser step (paper: 64)")
     micro_batch_size: int = field(8, "pairs per forward/backward; gradients accumulate over batch/micro")
@@ -495,7 +499,7 @@ def shared_prompt_logps(model, batch, average=False):
     mask = torch.cat([prompt_mask[row_prompt], response_mask], 1)  # (N, P+R) padded prompt keys are masked
     hr = model(response_ids, attention_mask=mask, cache=prefix, return_hidden=True)  # (N, R, C)
     hidden = torch.cat([last[row_prompt, None], hr[:, :-1]], 1)  # (N, R, C): position j predicts token j
-    lp = token_logps(model.lm_head(hidden[response_mask]), response_ids[response_mask])  # (M,)
+    lp = head_logps(hidden[response_mask], model.lm_head, response_ids[response_mask])  # (M,)
     rows = torch.arange(len(response_ids), device=device).unsqueeze(1).expand(-1, R)[response_mask]  # (M,)
     logps = torch.zeros(len(response_ids), dtype=lp.dtype, device=device).index_add(0, rows, lp)  # (N,)
     if average:
@@ -614,6 +618,8 @@ def check_config(cfg):
         raise InputError(f"--optimizer {cfg.optimizer}: use rmsprop or adamw")
     if not 0 < cfg.lr < math.inf:
         raise InputError(f"--lr {cfg.lr}: the learning rate must be a positive number (paper: 1e-6)")
+    if not 0 < cfg.adam_eps < math.inf:
+        raise InputError(f"--adam-eps {cfg.adam_eps}: must be a positive number (default 1e-8)")
     if cfg.max_prompt_length >= cfg.max_length:
         raise InputError(f"--max-prompt-length {cfg.max_prompt_length} must be below --max-length {cfg.max_length}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -929,11 +935,12 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
         fwd.reshard()  # a no-grad forward leaves the root's parameters gathered: no backward reshards them
     fwd.train()
 
-    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
     trainable = [p for p in fwd.parameters() if p.requires_grad]  # LoRA: the adapters only
-    fused = {"fused": True} if opt_cls is torch.optim.AdamW and device.split(":")[0] in ("cpu", "cuda") and not cfg.fsdp and \
-        all(p.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) for p in trainable) else {}
-    optimizer = opt_cls(trainable, lr=cfg.lr, **fused)  # fused AdamW: one kernel over all tensors
+    if cfg.optimizer == "rmsprop":
+        optimizer = torch.optim.RMSprop(trainable, lr=cfg.lr)
+    else:  # fused: one kernel over all tensors (as transformers' Trainer by default); FSDP's DTensors: the plain one
+        fused = device.split(":")[0] in ("cpu", "cuda") and not cfg.fsdp
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, eps=cfg.adam_eps, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     steps_per_epoch = len(train_items) // cfg.batch_size
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
@@ -1303,13 +1310,13 @@ IMDB_PRESETS = {
     "gpu": dict(model="gpt2-large", sft_tokens=0, sft_lr=1e-5, sft_batch_size=16, n_prefixes=25_000,
                 max_new_tokens=48, betas="0.05,0.1,1,5", alphas="0.01,0.1", optimizer="rmsprop", lr=1e-6,
                 warmup_steps=150, batch_size=64, micro_batch_size=8, baseline_lr=1e-6, eval_every=100,
-                eval_prompts=512, sample_batch_size=128),
+                eval_prompts=512, sample_batch_size=128, adam_eps=1e-8),
     # Two CPU cores, offline, about 15 minutes: a small GPT trained from scratch, 800 prefixes, AdamW at a
     # larger rate (a from-scratch model needs far larger steps than 1e-6), each run evaluated at 2 points.
     "cpu": dict(model="scratch", sft_tokens=500_000, sft_lr=5e-3, sft_batch_size=16, n_prefixes=800,
                 max_new_tokens=24, betas="0.05,0.1,0.5,1", alphas="0.01,0.1", optimizer="adamw", lr=4e-4,
                 warmup_steps=10, batch_size=48, micro_batch_size=48, baseline_lr=2e-4, eval_every=0,
-                eval_prompts=256, sample_batch_size=256),
+                eval_prompts=256, sample_batch_size=256, adam_eps=1e-3),
 }
 
 
@@ -1328,6 +1335,7 @@ class ImdbConfig:
     alphas: str = field(None, "Unlikelihood alpha sweep, comma-separated")
     optimizer: str = field(None, "rmsprop (paper) or adamw, for DPO and the baselines")
     lr: float = field(None, "DPO learning rate")
+    adam_eps: float = field(None, "AdamW epsilon for DPO and the baselines (see dpo.py --help)")
     baseline_lr: float = field(None, "Preferred-FT and Unlikelihood learning rate")
     warmup_steps: int = field(None, "linear warm-up steps")
     batch_size: int = field(None, "pairs per step (paper: 64)")
@@ -1506,7 +1514,7 @@ def run_imdb(cfg, log=print):
                                warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
                                micro_batch_size=cfg.micro_batch_size, epochs=1, eval_every=every, save_every=every,
                                keep_checkpoints=True, overwrite=True, device=device, seed=cfg.seed,
-                               max_length=1024, max_prompt_length=16)
+                               max_length=1024, max_prompt_length=16, adam_eps=cfg.adam_eps)
             log(f"DPO beta {beta:g}: {steps_per_run} steps")
             train(tcfg, train_pairs, eval_pairs, ref_lp=ref_lp, log=lambda s: None)
             open(os.path.join(out, "done"), "w").close()
@@ -1525,7 +1533,7 @@ def run_imdb(cfg, log=print):
             sft.train_sequences(model, prompts_, chosen_, steps=steps_per_run, batch_size=cfg.batch_size,
                                 lr=cfg.baseline_lr, objective=objective, rejected=rejected_, alpha=value or 0.0,
                                 generator=torch.Generator().manual_seed(cfg.seed), log=lambda s: None,
-                                groups=[p["group"] for p in train_pairs])
+                                groups=[p["group"] for p in train_pairs], eps=cfg.adam_eps)
             model.save_pretrained(out)
         runs.append((method, key, value, out, steps_per_run))
     stage("training")

@@ -169,6 +169,63 @@ def token_logps(logits, labels):
     return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+
+class HeadLogps(torch.autograd.Function):
+    """log softmax(h @ W.T + b)[labels] for M rows, in row chunks, never holding the (M, V) logits:
+    forward keeps only h and the per-row logsumexp; backward recomputes each chunk's logits and turns
+    them into the gradient in place, d logp / d z = onehot(label) - softmax(z). With a 50k vocabulary
+    the logits are most of a DPO step's memory traffic (and, on a GPU, its largest activation); this
+    does one matmul more (the recomputation) and several memory passes fewer. Equal to
+    token_logps(F.linear(h, W, b), labels), gradients included (tested)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, chunk):
+        # under autocast F.linear runs in the autocast dtype; backward repeats it in that dtype
+        ctx.mm_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        out = torch.empty(len(h), dtype=torch.float32, device=h.device)  # (M,)
+        lse = torch.empty(len(h), dtype=torch.float32, device=h.device)  # (M,)
+        for s in range(0, len(h), chunk):
+            z = F.linear(h[s:s + chunk], weight, bias).float()  # (c, V) the only logits alive
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            out[s:s + chunk] = z.gather(1, labels[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.save_for_backward(h, weight, bias, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (M,): d loss / d logp
+        h, weight, bias, labels, lse = ctx.saved_tensors
+        dt = ctx.mm_dtype
+        w = weight.to(dt)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros(weight.size(0), dtype=torch.float32, device=h.device) if bias is not None and ctx.needs_input_grad[2] else None
+        for s in range(0, len(h), ctx.chunk):
+            hc, g = h[s:s + ctx.chunk].to(dt), grad[s:s + ctx.chunk].float()
+            z = F.linear(hc, w, None if bias is None else bias.to(dt)).float()  # (c, V) recomputed
+            p = z.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax(z), in place
+            p[torch.arange(len(g), device=g.device), labels[s:s + ctx.chunk]] += g  # + g * onehot(label)
+            if grad_b is not None:
+                grad_b += p.sum(0)
+            p = p.to(dt)
+            if grad_h is not None:
+                grad_h[s:s + ctx.chunk] = (p @ w).to(h.dtype)  # (c, C)
+            if grad_w is not None:  # accumulated in float32 over the chunks
+                if dt == torch.float32:
+                    grad_w.addmm_(p.t(), hc)
+                else:
+                    grad_w += p.t() @ hc
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def head_logps(h, head, labels, chunk=256):
+    """log pi(label | h) for rows h (M, C) through the output head (an nn.Linear): (M,) float32.
+    Chunked and recomputed in backward (HeadLogps); float64 (tests) takes the plain path."""
+    if h.dtype == torch.float64:
+        return token_logps(head(h), labels)
+    return HeadLogps.apply(h, head.weight, head.bias, labels, chunk)
+
 # ----------------------------------------------------------------------------------------------
 # The safetensors format, by hand: an 8-byte little-endian header length N, N bytes of JSON
 # {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then raw
@@ -495,7 +552,7 @@ class GPT(nn.Module):
         self._need_lm_head()
         h = self(idx, attention_mask=attention_mask, return_hidden=True)  # (N, T, C)
         sel = target_mask[:, 1:].bool()  # (N, T-1): hidden state t predicts token t+1
-        lp = token_logps(self.lm_head(h[:, :-1][sel]), idx[:, 1:][sel])  # (M,) M = selected tokens
+        lp = head_logps(h[:, :-1][sel], self.lm_head, idx[:, 1:][sel])  # (M,) M = selected tokens
         out = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)  # (N, T)
         return out.masked_scatter(F.pad(sel, (1, 0)), lp)
 

@@ -326,3 +326,29 @@ def test_logps_on_selected_positions_equal_full_logits():
     g_full = torch.autograd.grad(expect.sum(), m.wte.weight)[0]
     g_fast = torch.autograd.grad(m.logps(idx, mask).sum(), m.wte.weight)[0]
     torch.testing.assert_close(g_fast, g_full, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_head_logps_equal_the_plain_head_with_gradients(bias):
+    """HeadLogps (chunked, logits recomputed in backward) against log_softmax of the full logits:
+    values and the gradients of h, W and b, for a chunk size that does not divide the rows."""
+    from model import HeadLogps, token_logps
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=bias)
+    h = torch.randn(300, 16, requires_grad=True)
+    labels = torch.randint(0, 1000, (300,))
+    w = torch.randn(300)
+    params = [h, head.weight] + ([head.bias] if bias else [])
+    a = HeadLogps.apply(h, head.weight, head.bias, labels, 64)
+    b = token_logps(head(h), labels)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+    for x, y in zip(torch.autograd.grad((a * w).sum(), params), torch.autograd.grad((b * w).sum(), params)):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: the bf16 head, float32 log-softmax
+        c = HeadLogps.apply(h, head.weight, head.bias, labels, 64)
+        d = token_logps(head(h), labels)
+    torch.testing.assert_close(c, d, atol=0.05, rtol=0.01)
+    gc = torch.autograd.grad((c * w).sum(), params)
+    gb = torch.autograd.grad((token_logps(head(h), labels) * w).sum(), params)
+    for x, y in zip(gc, gb):  # bf16 matmuls: close to float32
+        assert (x - y).abs().max() < 0.05 * y.abs().max() + 1e-3
