@@ -16,7 +16,7 @@ Workloads (random-initialised GPT-2-shaped models, float32 on CPU / bfloat16 on 
     hh        the first 256 pairs of the Anthropic HH sample (max length 512), 8 pairs a step in one
               shared order: 32 steps, 4 x 256 shape; ours (length-sorted micro-batches, each prompt
               computed once) vs TRL (pads every step to its longest row)
-    sweep     a beta sweep of 3 runs over those HH pairs: ours with the reference log-probs computed once
+    sweep     a beta sweep of 3 runs over the first 128 HH pairs: ours with the reference log-probs computed once
               (--precompute-ref) vs the reference model run at every step
     sampling  64 prompts (4-16 tokens) x 48 new tokens, gpt2 shape, temperature 1: ours (KV cache) vs
               transformers' generate (KV cache) on the same weights
@@ -271,6 +271,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--hh-micro", type=int, default=1, help="our micro-batch (pairs) on HH")
     parser.add_argument("--hh-pairs", type=int, default=256, help="the first N pairs of the HH sample")
+    parser.add_argument("--sweep-pairs", type=int, default=128, help="the first N HH pairs for the beta sweep")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of every side")
     parser.add_argument("--device", default="auto", help="cuda, mps or cpu")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
@@ -319,7 +320,7 @@ def main(argv=None):
             pairs = hh_pairs(args.hh_pairs)
             dpo_pair(f"hh 4x256 {len(pairs)} pairs", "4x256", pairs, len(pairs) // 8, 2, args.hh_micro)
         elif w == "sweep":
-            pairs, shape = hh_pairs(args.hh_pairs), "4x256"
+            pairs, shape = hh_pairs(args.sweep_pairs), "4x256"
             model = make_model(shape, os.path.join(tmp, shape), device)
             spec = {"model": model, "pairs": pairs, "batch": 8, "steps": len(pairs) // 8, "device": device,
                     "out": os.path.join(tmp, "run"), "micro": args.hh_micro, "ref_micro": 8}
@@ -331,7 +332,7 @@ def main(argv=None):
                                      tmp, args.threads)
                     total += sum(res["step_s"]) + res["ref_pass_s"]
                     rss = max(rss, res["peak_rss_gb"])
-                totals[variant] = {"workload": "sweep hh 4x256, 3 betas", "variant": variant, "seconds": total,
+                totals[variant] = {"workload": f"sweep hh 4x256 {len(pairs)} pairs, 3 betas", "variant": variant, "seconds": total,
                                    "peak_rss_gb": rss}
             new = list(totals.values())
             new[0]["ratio"] = new[1]["seconds"] / new[0]["seconds"]
