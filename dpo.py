@@ -3,6 +3,9 @@ and their hand-written gradients, then the trainer.
 
     python dpo.py --task hh --model gpt2                  # DPO on Anthropic HH (paper defaults)
     python dpo.py --task imdb                             # the paper's IMDb experiment, end to end
+    python dpo.py --task hh --model EleutherAI/pythia-2.8b --weights-dtype bfloat16 --precompute-ref --grad-checkpoint
+    torchrun --nproc_per_node=8 dpo.py --task hh --model EleutherAI/gpt-j-6b --fsdp --precompute-ref --grad-checkpoint
+    python dpo.py --estimate-memory --model EleutherAI/gpt-j-6b --lora-rank 16   # the memory plan, nothing loaded
     python -m pytest -q test_dpo.py                       # checks every formula below against autograd
 
 Shape notation
