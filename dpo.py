@@ -87,10 +87,10 @@ import torch.nn.functional as F
 
 from data import (EOS, collate_pairs, decode, epoch_order, hub_file, load_tokenizer, read_hh, read_imdb,
                   read_jsonl_pairs, tokenize_pair)
-from model import (GPT, GPTConfig, InputError, Progress, add_lora, config_from_hf, keep_freed_memory,
-                   resolve_checkpoint,
-                   load_lora_state_dict, load_safetensors, lora_disabled, lora_merged, lora_state_dict,
-                   head_logps, save_safetensors, token_logps)
+from model import (GPT, GPTConfig, InputError, Progress, add_lora, config_from_hf, field, head_logps,
+                   keep_freed_memory, load_lora_state_dict, load_safetensors, lora_disabled, lora_merged,
+                   lora_state_dict, resolve_checkpoint, save_safetensors, token_logps)
+from model import parse_args as model_parse_args
 
 LOSS_TYPES = ("dpo", "cdpo", "robust", "ipo", "hinge", "lndpo", "simpo")
 
@@ -300,9 +300,6 @@ def implicit_reward_weight(chosen_rewards, rejected_rewards):
 #
 # The trainer: `python dpo.py --task hh --data FILE --model gpt2 ...`. Everything with a side effect is in
 # train() and main(); the pieces below it (batch_logps, the reference pass) are what the tests check.
-
-def field(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
@@ -1584,16 +1581,8 @@ def run_imdb(cfg, log=print):
 
 
 def parse_args(argv=None, cls=TrainConfig):
-    """A dataclass of settings from the command line: one flag per field, its help from the field."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:  # --flag / --no-flag
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            typ = {int: int, float: float}.get(f.type, str)
-            parser.add_argument(flag, type=typ, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
-    return cls(**vars(parser.parse_args(argv)))
+    """TrainConfig (or ImdbConfig) from the command line: one flag per field, its help from the field."""
+    return model_parse_args(cls, argv, __doc__.split("\n")[0])
 
 
 def main(argv=None):

@@ -16,7 +16,6 @@ both with standard errors over the samples.
 
 Shape notation: N sequences, T time, V vocabulary.
 """
-import argparse
 import csv
 import dataclasses
 import io
@@ -31,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import GPT, InputError, Progress, resolve_checkpoint
+from model import GPT, InputError, Progress, field, resolve_checkpoint
+from model import parse_args as model_parse_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,41 +414,25 @@ def plot_training_curves(metrics_jsonl_path, png_path):
 
 @dataclasses.dataclass
 class EvalConfig:
-    classifier: str = "runs/classifier.pt"  # trained on IMDb train and saved here if the file is absent
-    policy: str | None = None               # checkpoint folder; none: only train/test the classifier
-    reference: str | None = None            # default: the policy itself (KL 0)
-    prompts: int = 256                      # test-review prefixes
-    samples: int = 1                        # completions per prompt
-    max_new_tokens: int = 32
-    batch_size: int = 64
-    temperature: float = 1.0
-    classifier_epochs: int = 10
-    curves: str | None = None               # a metrics.jsonl to plot next to itself (.png)
-    out: str | None = None                  # JSON file for the result
-    imdb: str | None = None
-    device: str = "cpu"
-    seed: int = 0
+    classifier: str = field("runs/classifier.pt", "reward classifier file; trained on IMDb train and saved here if absent")
+    policy: str = field(None, "policy checkpoint folder (or hub name) to evaluate; none: only train/test the classifier")
+    reference: str = field(None, "reference (SFT) checkpoint for the KL; default: the policy (KL 0)")
+    prompts: int = field(256, "number of test-review prompts (EOS + 2-8 tokens)")
+    samples: int = field(1, "completions sampled per prompt")
+    max_new_tokens: int = field(32, "completion length limit")
+    batch_size: int = field(64, "sequences per generate/log-prob batch")
+    temperature: float = field(1.0, "sampling temperature")
+    classifier_epochs: int = field(10, "epochs when training the classifier")
+    curves: str = field(None, "plot this metrics.jsonl to a .png beside it")
+    out: str = field(None, "write the result as JSON here")
+    imdb: str = field(None, "IMDb archive or extracted folder (default: $DPO_IMDB, else download)")
+    device: str = field("cpu", "cpu, cuda or mps")
+    seed: int = field(0, "seed for prompts and sampling")
 
 
 def parse_args(argv=None):
     """EvalConfig from the command line (argv=None reads sys.argv)."""
-    d = EvalConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--classifier", default=d.classifier, help="reward classifier file; trained on IMDb train if absent")
-    p.add_argument("--policy", default=d.policy, help="policy checkpoint folder (or hub name) to evaluate")
-    p.add_argument("--reference", default=d.reference, help="reference (SFT) checkpoint for the KL; default: the policy")
-    p.add_argument("--prompts", type=int, default=d.prompts, help="number of test-review prompts (EOS + 2-8 tokens)")
-    p.add_argument("--samples", type=int, default=d.samples, help="completions sampled per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="completion length limit")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per generate/log-prob batch")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
-    p.add_argument("--classifier-epochs", type=int, default=d.classifier_epochs, help="epochs when training the classifier")
-    p.add_argument("--curves", default=d.curves, help="plot this metrics.jsonl to a .png beside it")
-    p.add_argument("--out", default=d.out, help="write the result as JSON here")
-    p.add_argument("--imdb", default=d.imdb, help="IMDb archive or extracted folder (default: $DPO_IMDB, else download)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda or mps")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for prompts and sampling")
-    return EvalConfig(**vars(p.parse_args(argv)))
+    return model_parse_args(EvalConfig, argv, __doc__.split("\n")[0])
 
 
 def run(cfg):

@@ -83,6 +83,26 @@ def _duration(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def field(default, help):
+    """A dataclass field with its command-line help: the configs of dpo.py, sft.py and eval.py are such dataclasses."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_args(cls, argv=None, description=None):
+    """An instance of the dataclass `cls` from the command line (argv=None reads sys.argv): one flag per field,
+    --some-name for some_name, its help from the field; booleans get --flag/--no-flag."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            typ = {int: int, float: float}.get(f.type, str)
+            parser.add_argument(flag, type=typ, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+    return cls(**vars(parser.parse_args(argv)))
+
+
 def keep_freed_memory():
     """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel (Linux; elsewhere
     a no-op returning False). A training step allocates several (N*T, V) float32 tensors (~400 MB each

@@ -17,7 +17,6 @@ Sequence log-probs are SUMS over completion tokens (the authors' convention, as 
 
 Shape notation: N rows in a batch, T time, V vocabulary.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -28,7 +27,8 @@ import time
 import torch
 
 import data
-from model import GPT, GPTConfig, InputError, Progress, keep_freed_memory
+from model import GPT, GPTConfig, InputError, Progress, field, keep_freed_memory
+from model import parse_args as model_parse_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,37 +289,25 @@ def train_sequences(model, prompts, completions, steps=None, epochs=None, batch_
 
 @dataclasses.dataclass
 class TrainConfig:
-    out: str = "runs/sft"
-    init: str = "scratch"        # "scratch" (scratch_config) or a hub name / checkpoint folder
-    tokens: int = 600_000        # steps = tokens // (batch_size * seq_len); ~5 min on 2 cores for scratch
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 5e-3             # for scratch; fine-tuning a pretrained GPT-2 wants ~1e-4
-    warmup: int = 30
-    weight_decay: float = 0.1
-    eval_windows: int = 128      # held-out windows of test reviews for the reported loss
-    imdb: str | None = None      # archive or folder; default $DPO_IMDB
-    device: str | None = None
-    seed: int = 0
+    out: str = field("runs/sft", "folder for the checkpoint (Hugging Face layout), config and metrics")
+    init: str = field("scratch", "'scratch' for the small CPU GPT (scratch_config), or a hub name (gpt2, gpt2-large) "
+                      "or folder")
+    tokens: int = field(600_000, "training tokens (steps = tokens / (batch_size * seq_len)); ~5 min on 2 cores "
+                        "for scratch")
+    batch_size: int = field(16, "windows per step")
+    seq_len: int = field(128, "tokens per window")
+    lr: float = field(5e-3, "peak learning rate (for scratch; use ~1e-4 to fine-tune GPT-2)")
+    warmup: int = field(30, "linear warmup steps before the cosine decay")
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices")
+    eval_windows: int = field(128, "test-review windows for the held-out loss")
+    imdb: str = field(None, "IMDb archive or extracted folder (default: $DPO_IMDB, else download)")
+    device: str = field(None, "cpu, cuda or mps (default: the best available)")
+    seed: int = field(0, "seed for initialisation and window sampling")
 
 
 def parse_args(argv=None):
     """TrainConfig from the command line (argv=None reads sys.argv)."""
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=d.out, help="folder for the checkpoint (Hugging Face layout), config and metrics")
-    p.add_argument("--init", default=d.init, help="'scratch' for the small CPU GPT, or a hub name (gpt2, gpt2-large) or folder")
-    p.add_argument("--tokens", type=int, default=d.tokens, help="training tokens (steps = tokens / (batch_size * seq_len))")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (use ~1e-4 to fine-tune GPT-2)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps before the cosine decay")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices")
-    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="test-review windows for the held-out loss")
-    p.add_argument("--imdb", default=d.imdb, help="IMDb archive or extracted folder (default: $DPO_IMDB, else download)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda or mps (default: the best available)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation and window sampling")
-    return TrainConfig(**vars(p.parse_args(argv)))
+    return model_parse_args(TrainConfig, argv, __doc__.split("\n")[0])
 
 
 def default_device():

@@ -331,3 +331,17 @@ def test_classifier_on_imdb_reaches_85_percent():
     acc = ev.accuracy(clf, test)
     assert acc >= 0.85, acc
     print(f"IMDb classifier: accuracy {acc:.4f} on {len(test)} test reviews, {time.time() - t0:.1f} s in all")
+
+
+def test_command_lines_parse_their_dataclasses():
+    """sft.py, eval.py and dpo.py share one flag builder (model.parse_args): defaults, typed values, --no-flags."""
+    import dpo
+    import eval as ev
+    import sft
+    assert sft.parse_args([]) == sft.TrainConfig()
+    cfg = sft.parse_args(["--tokens", "1000", "--lr", "1e-4", "--init", "gpt2"])
+    assert (cfg.tokens, cfg.lr, cfg.init) == (1000, 1e-4, "gpt2")
+    assert ev.parse_args(["--prompts", "8", "--temperature", "0.7"]) == ev.EvalConfig(prompts=8, temperature=0.7)
+    d = dpo.parse_args(["--no-share-prompt", "--beta", "0.2", "--precompute-ref"])
+    assert (d.share_prompt, d.beta, d.precompute_ref) == (False, 0.2, True)
+    assert dpo.parse_args([]).share_prompt is True
