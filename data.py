@@ -25,7 +25,7 @@ import zlib
 import tiktoken
 import torch
 
-from model import HUB_URL, InputError, cache_dir, download
+from model import HUB_URL, InputError, cache_dir, download, hub_folder
 
 EOS = 50256  # <|endoftext|>: appended to every response, and the padding id
 
@@ -220,15 +220,15 @@ def tokenizer_from_json(path, eos_id=None, name=None):
 
 def hub_file(name_or_dir, filename):
     """The path of `filename` in a model folder, or in a hub model's download folder (model.resolve_checkpoint's:
-    <cache_dir()>/hub/<owner>--<name>), fetched once. FileNotFoundError if the folder or the hub has no such
+    model.hub_folder), fetched once. FileNotFoundError if the folder or the hub has no such
     file; InputError, saying where to put it, when offline."""
     if os.path.isdir(name_or_dir):
         path = os.path.join(name_or_dir, filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
         return path
-    folder = os.path.join(cache_dir(), "hub", name_or_dir.replace("/", "--"))
-    return download(HUB_URL.format(name=name_or_dir, file=filename), os.path.join(folder, filename), name_or_dir)
+    path = os.path.join(hub_folder(name_or_dir), filename)
+    return download(HUB_URL.format(name=name_or_dir, file=filename), path, name_or_dir)
 
 
 def load_tokenizer(name_or_dir=None):

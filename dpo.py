@@ -462,8 +462,9 @@ def collate_shared(items, pad_id=EOS):
 
 
 def shares_prompt(cfg):
-    """Whether batches compute each prompt once: --share-prompt (default), except with --grad-checkpoint,
-    whose recomputation cannot replay the shared keys and values."""
+    """Whether training batches compute each prompt once: --share-prompt (default), except with
+    --grad-checkpoint, whose recomputation cannot replay the shared keys and values (no-grad passes, which
+    never checkpoint, share whenever --share-prompt is on)."""
     return cfg.share_prompt and not cfg.grad_checkpoint
 
 
@@ -658,7 +659,7 @@ def evaluate_pairs(cfg, policy, items, ref_lp, device, dtype, rank=0, world=1, p
     with torch.no_grad():
         for i in range(0, len(share), cfg.micro_batch_size):
             ids = share[i:i + cfg.micro_batch_size]
-            batch = make_batch([items[j] for j in ids], device, shares_prompt(cfg), pad_id)
+            batch = make_batch([items[j] for j in ids], device, cfg.share_prompt, pad_id)  # no grad: no checkpointing
             with autocast(device, dtype):
                 lp = batch_logps(policy, batch, cfg.average_logps).float()
             loss, cr, rr = loss_from_logps(cfg, lp, ref_lp[ids].to(device), batch)
@@ -928,7 +929,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
     if ref_lp is None and cfg.precompute_ref:
         with reference_mode():
             ref_lp = {name: reference_logps_all(ref_fwd, items, cfg.micro_batch_size, device, dtype, cfg.average_logps,
-                                                rank, world, shares_prompt(cfg), pad_id)
+                                                rank, world, cfg.share_prompt, pad_id)
                       for name, items in (("train", train_items), ("eval", eval_items))}
         reference = ref_fwd = None  # freed: training holds only the policy
     if cfg.fsdp:
@@ -1047,7 +1048,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
                     else:
                         with reference_mode():
                             eval_ref = reference_logps_all(ref_fwd, eval_items, cfg.micro_batch_size, device, dtype,
-                                                           cfg.average_logps, rank, world, shares_prompt(cfg), pad_id)
+                                                           cfg.average_logps, rank, world, cfg.share_prompt, pad_id)
                 row.update(evaluate_pairs(cfg, fwd if cfg.fsdp else policy, eval_items, eval_ref, device, dtype,
                                           rank, world, pad_id))
                 if cfg.fsdp:

@@ -749,6 +749,11 @@ HUB_URL = "https://huggingface.co/{name}/resolve/main/{file}"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def hub_folder(name):
+    """Where a hub model's files are downloaded: $DPO_CACHE/hub/<owner>--<name>."""
+    return os.path.join(cache_dir(), "hub", name.replace("/", "--"))
+
+
 def resolve_checkpoint(name_or_dir):
     """A local folder as is; otherwise a hub name, downloaded into $DPO_CACHE/hub/<name> once."""
     if os.path.isdir(name_or_dir):
@@ -756,7 +761,7 @@ def resolve_checkpoint(name_or_dir):
     if os.path.sep in name_or_dir.strip("/") and name_or_dir.count("/") != 1 or name_or_dir.startswith((".", "/", "~")):
         raise InputError(f"{name_or_dir}: no such folder; pass a folder with config.json and model.safetensors, "
                          f"or a hub name such as gpt2 or openai-community/gpt2-large")
-    folder = os.path.join(cache_dir(), "hub", name_or_dir.replace("/", "--"))
+    folder = hub_folder(name_or_dir)
     try:
         try:
             download(HUB_URL.format(name=name_or_dir, file="config.json"), os.path.join(folder, "config.json"), name_or_dir)
