@@ -72,6 +72,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import gc
 import io
 import json
 import math
@@ -1623,6 +1624,9 @@ def main(argv=None):
         return 130
     finally:
         if dist.is_initialized():
+            # free the wrapped models (FSDP/DDP hooks form reference cycles) while the process group and the
+            # interpreter are both alive: gloo work still referenced at interpreter exit can abort the process
+            gc.collect()
             dist.destroy_process_group()
     if rank != 0:
         return 0

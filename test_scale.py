@@ -6,6 +6,7 @@
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -236,6 +237,13 @@ def torchrun(n, args, timeout=600):  # generous: a loaded 2-core machine
            os.path.join(HERE, "dpo.py"), *args]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=timeout)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # A rare abort inside gloo's C++ threads (seen once in CI in ~100 runs, never reproduced here; cf.
+        # pytorch/pytorch#179291). Not a wrong result: run once more, and say so; a second abort fails the test.
+        print("gloo aborted a process ('terminate called without an active exception'); running again")
+        shutil.rmtree(args[args.index("--out") + 1], ignore_errors=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, time.time() - t0
 
