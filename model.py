@@ -191,39 +191,51 @@ def token_logps(logits, labels):
 
 
 class HeadLogps(torch.autograd.Function):
-    """log softmax(h @ W.T + b)[labels] for M rows, in row chunks, never holding the (M, V) logits:
-    forward keeps only h and the per-row logsumexp; backward recomputes each chunk's logits and turns
-    them into the gradient in place, d logp / d z = onehot(label) - softmax(z). With a 50k vocabulary
-    the logits are most of a DPO step's memory traffic (and, on a GPU, its largest activation); this
-    does one matmul more (the recomputation) and several memory passes fewer. Equal to
-    token_logps(F.linear(h, W, b), labels), gradients included (tested)."""
+    """log softmax(h @ W.T + b)[labels] for M rows, in row chunks, never holding more (M, V) logits than
+    it needs: forward computes each chunk's logits, its logsumexp and the label's log-prob. Backward needs
+    d logp / d z = onehot(label) - softmax(z) for every chunk. When all M softmax rows fit in `keep_bytes`
+    (a small model or a short batch, e.g. 768 rows x 50k = 154 MB) forward keeps them and backward reuses them;
+    otherwise (gpt2-large, long batches) forward keeps only h and the logsumexp and backward recomputes
+    each chunk's logits: one matmul more, the (M, V) float32 block never alive at once. Either way the gradient
+    is formed in place in that block. Equal to token_logps(F.linear(h, W, b), labels), gradients included
+    (tested, both ways)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, chunk):
+    def forward(ctx, h, weight, bias, labels, chunk, keep_bytes):
         # under autocast F.linear runs in the autocast dtype; backward repeats it in that dtype
         ctx.mm_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         out = torch.empty(len(h), dtype=torch.float32, device=h.device)  # (M,)
         lse = torch.empty(len(h), dtype=torch.float32, device=h.device)  # (M,)
+        keep = len(h) * weight.size(0) * 4 <= keep_bytes
+        probs = []
         for s in range(0, len(h), chunk):
-            z = F.linear(h[s:s + chunk], weight, bias).float()  # (c, V) the only logits alive
+            z = F.linear(h[s:s + chunk], weight, bias).float()  # (c, V)
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             out[s:s + chunk] = z.gather(1, labels[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            if keep:
+                probs.append(z.sub_(lse[s:s + chunk, None]).exp_())  # softmax(z), in place
         ctx.save_for_backward(h, weight, bias, labels, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.probs = chunk, probs
         return out
 
     @staticmethod
     def backward(ctx, grad):  # grad (M,): d loss / d logp
         h, weight, bias, labels, lse = ctx.saved_tensors
+        probs, ctx.probs = ctx.probs, None
         dt = ctx.mm_dtype
         w = weight.to(dt)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros(weight.size(0), dtype=torch.float32, device=h.device) if bias is not None and ctx.needs_input_grad[2] else None
-        for s in range(0, len(h), ctx.chunk):
+        for k, s in enumerate(range(0, len(h), ctx.chunk)):
             hc, g = h[s:s + ctx.chunk].to(dt), grad[s:s + ctx.chunk].float()
-            z = F.linear(hc, w, None if bias is None else bias.to(dt)).float()  # (c, V) recomputed
-            p = z.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax(z), in place
+            if probs:
+                p = probs[k]  # softmax(z), kept by forward
+                probs[k] = None  # (freed as soon as used)
+            else:
+                z = F.linear(hc, w, None if bias is None else bias.to(dt)).float()  # (c, V) recomputed
+                p = z.sub_(lse[s:s + ctx.chunk, None]).exp_()  # softmax(z), in place
+            p.mul_(-g[:, None])  # -g * softmax(z)
             p[torch.arange(len(g), device=g.device), labels[s:s + ctx.chunk]] += g  # + g * onehot(label)
             if grad_b is not None:
                 grad_b += p.sum(0)
@@ -236,15 +248,22 @@ class HeadLogps(torch.autograd.Function):
                 else:
                     grad_w += p.t() @ hc
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
 
-def head_logps(h, head, labels, chunk=256):
+HEAD_KEEP_BYTES = 512 * 2**20  # HeadLogps keeps the softmax rows for backward up to this size, else recomputes
+
+
+def head_logps(h, head, labels, chunk=256, keep_bytes=None):
     """log pi(label | h) for rows h (M, C) through the output head (an nn.Linear): (M,) float32.
-    Chunked and recomputed in backward (HeadLogps); float64 (tests) takes the plain path."""
+    Chunked (HeadLogps); the softmax rows are kept for backward up to keep_bytes (default HEAD_KEEP_BYTES),
+    recomputed beyond. float64 (tests) takes the plain path."""
     if h.dtype == torch.float64:
         return token_logps(head(h), labels)
-    return HeadLogps.apply(h, head.weight, head.bias, labels, chunk)
+    keep_bytes = HEAD_KEEP_BYTES if keep_bytes is None else keep_bytes
+    if not (torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)):
+        keep_bytes = 0  # no backward will come: keep nothing
+    return HeadLogps.apply(h, head.weight, head.bias, labels, chunk, keep_bytes)
 
 # ----------------------------------------------------------------------------------------------
 # The safetensors format, by hand: an 8-byte little-endian header length N, N bytes of JSON
@@ -687,6 +706,7 @@ class GPT(nn.Module):
         Returns (tokens (B, n), mask (B, n)) with n <= max_new_tokens; mask is 1 on generated tokens.
         """
         device = self.wte.weight.device
+        self._need_lm_head()
         if torch.is_tensor(prompts):
             prompts = prompts.tolist()
         B, P = len(prompts), max(len(p) for p in prompts)
@@ -707,10 +727,12 @@ class GPT(nn.Module):
         for t in range(max_new_tokens):
             n = P + t
             if use_cache:
-                logits = self(x, attention_mask=mask[:, :n], position_ids=positions[:, n - x.size(1):n], cache=cache)
+                h = self(x, attention_mask=mask[:, :n], position_ids=positions[:, n - x.size(1):n], cache=cache,
+                         return_hidden=True)
             else:
-                logits = self(seq, attention_mask=mask[:, :n], position_ids=positions[:, :n])
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+                h = self(seq, attention_mask=mask[:, :n], position_ids=positions[:, :n], return_hidden=True)
+            logits = self.lm_head(h[:, -1])  # (B, V): the head on the last position only (the prompt's others unneeded)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out.append(nxt)
             out_mask.append(~done)
@@ -1094,6 +1116,16 @@ class LoRALinear(nn.Module):
     def merged_weight(self):
         """W + (alpha / r) B A, summed in the adapters' dtype (float32 at least), in W's dtype: (out, in)."""
         return (self.weight.to(self.lora_A.dtype) + self.scale * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+
+
+def train_only_head(model):
+    """Freezes every weight except the output head (lm_head weight, and its bias if any), in place; returns the
+    model. The hidden states then never change, and training can only shift each token's logit by a
+    context-dependent amount linear in the (fixed) last hidden state. (A tied head is the token embedding.)"""
+    model._need_lm_head()
+    model.requires_grad_(False)
+    model.lm_head.requires_grad_(True)
+    return model
 
 
 def add_lora(model, rank, alpha=None, dropout=0.0, targets=LORA_TARGETS):

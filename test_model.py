@@ -12,6 +12,7 @@ import urllib.error
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
 from model import GPT, GPTConfig, InputError
@@ -328,10 +329,12 @@ def test_logps_on_selected_positions_equal_full_logits():
     torch.testing.assert_close(g_fast, g_full, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_chunked_head_logps_equal_the_plain_head_with_gradients(bias):
-    """HeadLogps (chunked, logits recomputed in backward) against log_softmax of the full logits:
-    values and the gradients of h, W and b, for a chunk size that does not divide the rows."""
+def test_chunked_head_logps_equal_the_plain_head_with_gradients(bias, keep, monkeypatch):
+    """HeadLogps (chunked; the softmax rows kept for backward, or the logits recomputed there) against
+    log_softmax of the full logits: values and the gradients of h, W and b, for a chunk size that does not
+    divide the rows. Kept: backward does no head matmul at all (counted)."""
     from model import HeadLogps, token_logps
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 1000, bias=bias)
@@ -339,13 +342,20 @@ def test_chunked_head_logps_equal_the_plain_head_with_gradients(bias):
     labels = torch.randint(0, 1000, (300,))
     w = torch.randn(300)
     params = [h, head.weight] + ([head.bias] if bias else [])
-    a = HeadLogps.apply(h, head.weight, head.bias, labels, 64)
+    keep_bytes = 300 * 1000 * 4 if keep else 300 * 1000 * 4 - 1  # exactly enough, or one byte short
+    a = HeadLogps.apply(h, head.weight, head.bias, labels, 64, keep_bytes)
     b = token_logps(head(h), labels)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
-    for x, y in zip(torch.autograd.grad((a * w).sum(), params), torch.autograd.grad((b * w).sum(), params)):
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(M.F, "linear", lambda *args: calls.append(1) or linear(*args))
+    grads = torch.autograd.grad((a * w).sum(), params)
+    monkeypatch.undo()
+    assert len(calls) == (0 if keep else 5)  # 300 rows in chunks of 64: 5 recomputed chunks
+    for x, y in zip(grads, torch.autograd.grad((b * w).sum(), params)):
         torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: the bf16 head, float32 log-softmax
-        c = HeadLogps.apply(h, head.weight, head.bias, labels, 64)
+        c = HeadLogps.apply(h, head.weight, head.bias, labels, 64, keep_bytes)
         d = token_logps(head(h), labels)
     torch.testing.assert_close(c, d, atol=0.05, rtol=0.01)
     gc = torch.autograd.grad((c * w).sum(), params)

@@ -180,6 +180,22 @@ def test_lora_training_learns_saves_merged_and_resumes_exactly(tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_trainable_head_changes_only_the_output_head(tmp_path):
+    """--trainable head (the IMDb CPU preset): DPO learns, and every weight but lm_head stays bit-identical."""
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, tie_word_embeddings=False))
+    base.save_pretrained(str(tmp_path / "m"))
+    pairs = synthetic_pairs(120, seed=2)
+    kw = dict(model=str(tmp_path / "m"), trainable="head", lr=2e-2, batch_size=16, micro_batch_size=8, steps=10,
+              eval_every=10)
+    policy, hist = dpo.train(tiny_cfg(tmp_path, **kw), pairs[:100], pairs[100:], log=quiet)
+    assert hist[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert hist[-1]["loss"] < hist[0]["loss"] - 0.02, hist[-1]
+    before = dict(base.named_parameters())
+    for n, p in policy.named_parameters():
+        assert torch.equal(p, before[n]) != n.startswith("lm_head"), n  # the head moved, nothing else did
+
+
 def test_bfloat16_weights_load_without_a_float32_copy_and_set_the_optimizer_dtype(tmp_path):
     torch.manual_seed(0)
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32)).save_pretrained(str(tmp_path / "m"))
@@ -194,6 +210,8 @@ def test_bfloat16_weights_load_without_a_float32_copy_and_set_the_optimizer_dtyp
 
 @pytest.mark.parametrize("extra, expected", [
     (["--lora-rank", "4", "--fsdp"], "--lora-rank with --fsdp is not supported"),
+    (["--trainable", "head", "--lora-rank", "4"], "--trainable head with --lora-rank: choose one way"),
+    (["--trainable", "embeddings"], "--trainable embeddings: use all (the paper) or head"),
     (["--fsdp"], "--fsdp shards over several processes: launch with torchrun"),
     (["--lora-rank", "-1"], "the rank must be >= 0"),
     (["--lora-rank", "4", "--ref", "gpt2"], "drop --ref"),
