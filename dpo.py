@@ -1327,7 +1327,7 @@ IMDB_PRESETS = {
                 max_new_tokens=48, betas="0.05,0.1,1,5", alphas="0.01,0.1", optimizer="rmsprop", lr=1e-6,
                 warmup_steps=150, batch_size=64, micro_batch_size=8, baseline_lr=1e-6, eval_every=100,
                 eval_prompts=512, sample_batch_size=128, adam_eps=1e-8, trainable="all"),
-    # Two CPU cores, offline, under 15 minutes: a small GPT trained from scratch, 1,200 prefixes, AdamW at a
+    # Two CPU cores, offline, in about 8 minutes: a small GPT trained from scratch, 1,200 prefixes, AdamW at a
     # larger rate (a from-scratch model needs far larger steps than 1e-6), each run evaluated at 3 points.
     # Every method trains the output head only (--trainable head; the paper trains everything): the 4-block
     # model's hidden states stay the SFT model's, and a policy can only shift each token's logit (linearly in
@@ -1347,7 +1347,7 @@ IMDB_PRESETS = {
 @dataclasses.dataclass
 class ImdbConfig:
     out: str = field("runs/imdb", "output folder: one sub-folder per stage, results.csv/json, frontier.png")
-    preset: str = field("auto", "gpu (the paper's setup), cpu (about 15 min on 2 cores) or auto (gpu if one is present)")
+    preset: str = field("auto", "gpu (the paper's setup), cpu (about 8 min on 2 cores) or auto (gpu if one is present)")
     model: str = field(None, "base model: scratch, scratch:L,H,C, a hub name or folder (preset's if unset)")
     sft_tokens: int = field(None, "SFT training tokens; 0 = one epoch of IMDb train")
     sft_lr: float = field(None, "SFT peak learning rate")
@@ -1359,8 +1359,7 @@ class ImdbConfig:
     alphas: str = field(None, "Unlikelihood alpha sweep, comma-separated")
     optimizer: str = field(None, "rmsprop (paper) or adamw, for DPO and the baselines")
     lr: float = field(None, "DPO learning rate")
-    adam_eps: float = field(None, "AdamW epsilon for DPO (see dpo.py --help); the baselines keep AdamW's 1e-8 (with "
-                            "1e-3 they barely leave the SFT model)")
+    adam_eps: float = field(None, "AdamW epsilon for DPO (see dpo.py --help); the baselines keep AdamW's 1e-8")
     baseline_lr: float = field(None, "Preferred-FT and Unlikelihood learning rate")
     trainable: str = field(None, "which weights every method trains: all (the paper) or head (the output head only; "
                            "the CPU preset, see IMDB_PRESETS)")
