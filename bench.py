@@ -84,11 +84,18 @@ def worker_ours_dpo(spec):
                           max_prompt_length=1023, seed=0, device=spec["device"], beta=spec.get("beta", 0.1),
                           share_prompt=spec.get("share_prompt", True))
     ref_lp, t_ref = None, 0.0
-    if spec.get("precompute_ref"):
+    cache = spec.get("ref_cache")  # a sweep's later runs read the table the first one wrote (timed too)
+    if cache and os.path.exists(cache):
+        t0 = time.perf_counter()
+        ref_lp = torch.load(cache)
+        t_ref = time.perf_counter() - t0
+    elif spec.get("precompute_ref"):
         reference = dpo.load_model(spec["model"], cfg.device)
         t0 = time.perf_counter()
         ref_lp = {"train": dpo.reference_logps(reference, pairs, spec["ref_micro"], cfg.device,
                                                share_prompt=cfg.share_prompt), "eval": torch.zeros(0, 2)}
+        if cache:
+            torch.save(ref_lp, cache)
         t_ref = time.perf_counter() - t0
         del reference
     _, history = dpo.train(cfg, train_pairs=pairs, eval_pairs=[], ref_lp=ref_lp, log=lambda s: None)
@@ -325,10 +332,12 @@ def main(argv=None):
             spec = {"model": model, "pairs": pairs, "batch": 8, "steps": len(pairs) // 8, "device": device,
                     "out": os.path.join(tmp, "run"), "micro": args.hh_micro, "ref_micro": 8}
             totals = {}
+            cache = os.path.join(tmp, "sweep-reference.pt")
             for variant, pre in (("ours, reference cached once", True), ("ours, reference on the fly", False)):
                 total, rss = 0.0, 0.0
-                for i, beta in enumerate((0.05, 0.1, 0.5)):
-                    res = run_worker(sys.executable, "ours-dpo", dict(spec, beta=beta, precompute_ref=pre and i == 0),
+                for i, beta in enumerate((0.05, 0.1, 0.5)):  # cached: run 1 computes and saves, runs 2-3 load
+                    res = run_worker(sys.executable, "ours-dpo",
+                                     dict(spec, beta=beta, precompute_ref=pre, ref_cache=cache if pre else None),
                                      tmp, args.threads)
                     total += sum(res["step_s"]) + res["ref_pass_s"]
                     rss = max(rss, res["peak_rss_gb"])
