@@ -8,6 +8,7 @@ import os
 import struct
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken"))
@@ -15,6 +16,7 @@ IMDB = os.environ.get("DPO_IMDB", os.path.join(HERE, "..", "shared", "data", "ac
 
 import dpo
 from data import EOS, encode
+from model import GPT
 
 
 def test_four_samples_make_six_pairs_higher_reward_chosen():
@@ -62,6 +64,12 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
     assert rows[0]["kl"] == 0 and all(0 <= r["reward"] <= 1 for r in rows)
     header = open(out / "results.csv").readline().strip().split(",")
     assert header[:3] == ["method", "reward", "reward_se"] or {"method", "reward", "kl"} <= set(header)
+    # the CPU preset trains the output head only, in DPO and in the baselines alike (--trainable head)
+    sft_w = GPT.from_pretrained(str(out / "sft")).state_dict()
+    last = max((d for d in os.listdir(out / "dpo-beta0.1") if d.startswith("step-")), key=lambda d: int(d[5:]))
+    for folder in (out / "dpo-beta0.1" / last, out / "preferred-ft", out / "unlikelihood-alpha0.1"):
+        trained = GPT.from_pretrained(str(folder)).state_dict()
+        assert [k for k in sft_w if not torch.equal(sft_w[k], trained[k])] == ["lm_head.weight"], folder
     # a second run finds every stage cached and gives the same table
     capsys.readouterr()
     assert dpo.main(args) == 0
