@@ -324,9 +324,8 @@ class TrainConfig:
     optimizer: str = field("rmsprop", "rmsprop (paper) or adamw")
     lr: float = field(1e-6, "peak learning rate (paper: 1e-6)")
     adam_eps: float = field(1e-8, "AdamW's epsilon. Adam moves every parameter about lr a step however small its "
-                            "gradient; a larger epsilon (the IMDb CPU preset: 1e-3) damps the parameters with tiny "
-                            "gradients, e.g. the head rows of tokens the data never prefers, which otherwise buy KL "
-                            "and no reward")
+                            "gradient; a larger epsilon (e.g. 1e-3) damps the parameters with tiny gradients, such as "
+                            "the head rows of tokens the data never prefers, and makes every step smaller")
     warmup_steps: int = field(150, "linear warm-up steps (paper: 150)")
     batch_size: int = field(64, "pairs per optimiser step (paper: 64)")
     micro_batch_size: int = field(8, "pairs per forward/backward; gradients accumulate over batch/micro")
@@ -950,7 +949,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
         fwd.reshard()  # a no-grad forward leaves the root's parameters gathered: no backward reshards them
     fwd.train()
 
-    trainable = [p for p in fwd.parameters() if p.requires_grad]  # LoRA: the adapters only
+    trainable = [p for p in fwd.parameters() if p.requires_grad]  # LoRA: the adapters; --trainable head: the head
     if cfg.optimizer == "rmsprop":
         optimizer = torch.optim.RMSprop(trainable, lr=cfg.lr)
     else:  # fused: one kernel over all tensors (as transformers' Trainer by default); FSDP's DTensors: the plain one
@@ -981,8 +980,8 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
         os.remove(metrics_path)
     log(f"{len(train_items)} train pairs, {len(eval_items)} held-out | {total_steps} steps of {cfg.batch_size} "
         f"pairs | {policy.num_params() / 1e6:.1f}M parameters"
-        + (f", {sum(p.numel() for p in trainable):,} trained (LoRA rank {cfg.lora_rank})" if lora else "")
-        + (f", {sum(p.numel() for p in trainable):,} trained (the output head)" if cfg.trainable == "head" else "")
+        + (f", {sum(p.numel() for p in trainable):,} trained ("
+           + (f"LoRA rank {cfg.lora_rank})" if lora else "the output head)") if lora or cfg.trainable == "head" else "")
         + f" | {device} {dtype}, weights {cfg.weights_dtype}"
         + (f" | {world} processes, {'FSDP' if cfg.fsdp else 'DDP'}" if world > 1 else ""))
 

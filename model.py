@@ -189,7 +189,6 @@ def token_logps(logits, labels):
     return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-
 class HeadLogps(torch.autograd.Function):
     """log softmax(h @ W.T + b)[labels] for M rows, in row chunks, never holding more (M, V) logits than
     it needs: forward computes each chunk's logits, its logsumexp and the label's log-prob. Backward needs
@@ -264,6 +263,7 @@ def head_logps(h, head, labels, chunk=256, keep_bytes=None):
     if not (torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)):
         keep_bytes = 0  # no backward will come: keep nothing
     return HeadLogps.apply(h, head.weight, head.bias, labels, chunk, keep_bytes)
+
 
 # ----------------------------------------------------------------------------------------------
 # The safetensors format, by hand: an 8-byte little-endian header length N, N bytes of JSON

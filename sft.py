@@ -91,14 +91,14 @@ def log_line(bar, log, line):
     log(line)
 
 
-def make_optimizer(model, lr, weight_decay, eps=1e-8):
+def make_optimizer(model, lr, weight_decay):
     """AdamW (betas 0.9/0.95, fused: one kernel for all tensors) with weight decay on matrices and
     embeddings only, not on biases and LayerNorm gains (nanoGPT's configure_optimizers)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = params[0].device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
 
 
 def lr_at(step, steps, lr, warmup, final_frac=0.1):
@@ -245,7 +245,7 @@ def sequence_loss(model, prompts, completions, objective="nll", rejected=None, a
 
 def train_sequences(model, prompts, completions, steps=None, epochs=None, batch_size=16, lr=1e-4,
                     objective="nll", rejected=None, alpha=1.0, warmup=10, weight_decay=0.0,
-                    generator=None, log=print, log_every=None, groups=None, eps=1e-8):
+                    generator=None, log=print, log_every=None, groups=None):
     """Supervised training on (prompt, completion) token lists; the loss counts completion tokens only
     (sequence_loss). Give `steps` or `epochs` (batches are drawn without replacement, reshuffled every
     epoch with `generator`; with `groups`, one label per example, examples of one group stay together, as
@@ -261,7 +261,7 @@ def train_sequences(model, prompts, completions, steps=None, epochs=None, batch_
     per_epoch = math.ceil(len(prompts) / batch_size)
     steps = steps if steps is not None else epochs * per_epoch
     log_every = log_every or max(1, steps // 10)
-    opt = make_optimizer(model, lr, weight_decay, eps)
+    opt = make_optimizer(model, lr, weight_decay)
     model.train()
     losses, order, t0 = [], [], time.time()
     bar = Progress(steps, label=objective, unit="step")
