@@ -315,18 +315,17 @@ def test_plots_write_png_files(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Real data
 
-def imdb_available():
-    path = os.environ.get("DPO_IMDB")
-    return bool(path) and os.path.exists(path)
+IMDB = os.environ.get("DPO_IMDB") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data",
+                                                   "aclImdb_v1.tar.gz")
 
 
-@pytest.mark.skipif(not imdb_available(), reason="IMDb data not found: set DPO_IMDB to aclImdb_v1.tar.gz "
-                                                  "(shared/data/aclImdb_v1.tar.gz in this project)")
+@pytest.mark.skipif(not os.path.exists(IMDB), reason=f"IMDb data not found at {IMDB}: set DPO_IMDB to "
+                                                     f"aclImdb_v1.tar.gz")
 def test_classifier_on_imdb_reaches_85_percent():
     """Bag-of-tokens logistic regression, trained on the 25,000 train reviews, on every 5th test review
     (5,000, balanced). The full test split gives ~88%; the subset keeps the tokenisation time down."""
     t0 = time.time()
-    train, test = data.read_imdb("train"), data.read_imdb("test")[::5]
+    train, test = data.read_imdb("train", IMDB), data.read_imdb("test", IMDB)[::5]
     clf = ev.train_classifier(train, epochs=10, log=None)
     acc = ev.accuracy(clf, test)
     assert acc >= 0.85, acc
