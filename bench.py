@@ -40,11 +40,12 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPES = {"gpt2": (12, 12, 768), "4x256": (4, 4, 256)}
+SHAPES = {"gpt2": (12, 12, 768), "4x256": (4, 4, 256), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280)}
 EOS = 50256
 
 
-def matmul_peak(device, dtype, n=2048, reps=5):
+def matmul_peak(device, dtype, n=None, reps=5):
+    n = n or (8192 if str(device).startswith("cuda") else 2048)  # large enough to fill the machine
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = []
@@ -66,6 +67,14 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
+def peaks(device):
+    """Peak resident memory of this process, and on a GPU the peak of the memory torch allocated there."""
+    out = {"peak_rss_gb": peak_rss_gb()}
+    if str(device).startswith("cuda"):
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
 def pair_tokens(it):
     """Real tokens of a pair as both sides compute them: the prompt in the chosen and the rejected row."""
     return 2 * len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"])
@@ -77,6 +86,9 @@ def pair_tokens(it):
 def worker_ours_dpo(spec):
     """dpo.train on the given pairs; returns per-step seconds (the trainer's own step timing)."""
     import dpo
+    import model
+    if "head_keep_bytes" in spec:  # a variant: keep the head's softmax rows up to this size (see model.HeadLogps)
+        model.HEAD_KEEP_BYTES = spec["head_keep_bytes"]
     pairs = [dict(p, prompt="", chosen="", rejected="") for p in spec["pairs"]]
     cfg = dpo.TrainConfig(model=spec["model"], out=spec["out"], optimizer="adamw", lr=1e-6, warmup_steps=0,
                           batch_size=spec["batch"], micro_batch_size=spec["micro"], steps=spec["steps"],
@@ -99,7 +111,7 @@ def worker_ours_dpo(spec):
         t_ref = time.perf_counter() - t0
         del reference
     _, history = dpo.train(cfg, train_pairs=pairs, eval_pairs=[], ref_lp=ref_lp, log=lambda s: None)
-    return {"step_s": [h["step_s"] for h in history], "ref_pass_s": t_ref, "peak_rss_gb": peak_rss_gb()}
+    return {"step_s": [h["step_s"] for h in history], "ref_pass_s": t_ref, **peaks(spec["device"])}
 
 
 def worker_trl_dpo(spec):
@@ -126,9 +138,12 @@ def worker_trl_dpo(spec):
                                       "rejected": " " + text(p["rejected_ids"])} for p in pairs])
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel.from_pretrained(spec["model"], dtype=torch.float32)
-    args = DPOConfig(output_dir=spec["out"], per_device_train_batch_size=spec["batch"], max_steps=spec["steps"],
+    micro = spec.get("micro", spec["batch"])  # the same micro-batches as ours: gradient accumulation
+    args = DPOConfig(output_dir=spec["out"], per_device_train_batch_size=micro, max_steps=spec["steps"],
+                     gradient_accumulation_steps=spec["batch"] // micro,
                      learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, beta=spec.get("beta", 0.1),
-                     bf16=False, fp16=False, gradient_checkpointing=False, report_to="none", logging_steps=10 ** 6,
+                     bf16=spec["device"].startswith("cuda"), fp16=False, gradient_checkpointing=False,
+                     report_to="none", logging_steps=10 ** 6,
                      save_strategy="no", eval_strategy="no", max_length=None, use_cpu=spec["device"] == "cpu",
                      dataloader_num_workers=0, seed=0, disable_tqdm=True, precompute_ref_log_probs=False)
     times = []
@@ -153,7 +168,7 @@ def worker_trl_dpo(spec):
         assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == \
                (pairs[i]["prompt_ids"], pairs[i]["chosen_ids"], pairs[i]["rejected_ids"]), "token ids differ"
     trainer.train()
-    return {"step_s": times, "peak_rss_gb": peak_rss_gb()}
+    return {"step_s": times, **peaks(spec["device"])}
 
 
 def _prompts(n, seed=0):
@@ -200,17 +215,22 @@ WORKERS = {"ours-dpo": worker_ours_dpo, "trl-dpo": worker_trl_dpo, "ours-sample"
            "hf-sample": worker_hf_sample}
 
 
-def run_worker(python, name, spec, tmp, threads):
-    """Runs one worker in a fresh process with the given thread count; returns its result dict."""
+def run_worker(python, name, spec, tmp, threads, required=True):
+    """Runs one worker in a fresh process with the given thread count; returns its result dict (or, when
+    not required, None after printing why it failed)."""
     path = os.path.join(tmp, f"spec-{name}.json")
     with open(path, "w") as f:
         json.dump(spec, f)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=HERE,
+    path_ = os.pathsep.join([HERE] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=path_,
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([python, os.path.abspath(__file__), "--worker", name, "--spec", path],
                           capture_output=True, text=True, env=env)
     results = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not results:
+        if not required:
+            print(f"worker {name} failed (exit {proc.returncode}), left out:\n{proc.stderr[-3000:]}", flush=True)
+            return None
         sys.exit(f"error: worker {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(results[-1])
 
@@ -258,6 +278,8 @@ def dpo_row(workload, variant, res, pairs, batch, warmup, shape, peak):
     seconds = sum(steps)
     row = {"workload": workload, "variant": variant, "median_step_s": statistics.median(steps),
            "tokens_per_s": tokens / seconds, "peak_rss_gb": res["peak_rss_gb"]}
+    if "peak_gpu_gb" in res:
+        row["peak_gpu_gb"] = res["peak_gpu_gb"]
     if peak:
         row["fraction_of_peak"] = 8 * n_params(shape) * tokens / seconds / peak
     return row
@@ -271,7 +293,7 @@ def with_ratio(rows, ours, other, key="tokens_per_s"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="speed: ours vs TRL's DPOTrainer and HF generate, side by side")
     parser.add_argument("workloads", nargs="*", default=["fixed", "hh", "sweep", "sampling"],
-                        help="fixed, hh, sweep, sampling, cache")
+                        help="fixed, hh, sweep, sampling, cache, gpu")
     parser.add_argument("--trl-python", default=None, help="python of a virtual environment with trl and transformers")
     parser.add_argument("--shapes", default="gpt2,4x256", help="model shapes for the fixed workload")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the fixed workload")
@@ -279,6 +301,11 @@ def main(argv=None):
     parser.add_argument("--hh-micro", type=int, default=1, help="our micro-batch (pairs) on HH")
     parser.add_argument("--hh-pairs", type=int, default=256, help="the first N pairs of the HH sample")
     parser.add_argument("--sweep-pairs", type=int, default=128, help="the first N HH pairs for the beta sweep")
+    parser.add_argument("--gpu-shape", default="gpt2-large", help="model shape of the gpu workload")
+    parser.add_argument("--gpu-batch", type=int, default=64, help="pairs a step in the gpu workload (the paper's 64)")
+    parser.add_argument("--gpu-micro", type=int, default=16, help="pairs a forward/backward in the gpu workload (both sides)")
+    parser.add_argument("--gpu-steps", type=int, default=10, help="timed steps of the gpu workload")
+    parser.add_argument("--gpu-tokens", default="16,240", help="prompt,response tokens of the gpu workload's pairs")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of every side")
     parser.add_argument("--device", default="auto", help="cuda, mps or cpu")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
@@ -346,6 +373,29 @@ def main(argv=None):
             new = list(totals.values())
             new[0]["ratio"] = new[1]["seconds"] / new[0]["seconds"]
             show(new)
+        elif w == "gpu":  # bf16 autocast on a GPU (float32 elsewhere), fp32 weights and AdamW on both sides
+            shape, batch, micro, warm = args.gpu_shape, args.gpu_batch, args.gpu_micro, args.warmup
+            prompt, response = map(int, args.gpu_tokens.split(","))
+            n = warm + args.gpu_steps
+            pairs = fixed_pairs(batch * n, prompt, response)
+            model = make_model(shape, os.path.join(tmp, shape), device)
+            spec = {"model": model, "pairs": pairs, "batch": batch, "micro": micro, "steps": n, "device": device,
+                    "out": os.path.join(tmp, "run")}
+            name = f"gpu {shape} {batch}x({prompt}+{response}) micro {micro}"
+            new = [dpo_row(name, "ours", run_worker(sys.executable, "ours-dpo", spec, tmp, args.threads),
+                           pairs, batch, warm, shape, peak)]
+            if args.trl_python:
+                res = run_worker(args.trl_python, "trl-dpo", spec, tmp, args.threads, required=False)
+                if res:
+                    new.append(dpo_row(name, "trl", res, pairs, batch, warm, shape, peak))
+                    with_ratio(new, 0, 1)
+            show(new)
+            # variants of ours, for the note: every softmax row kept for backward; a larger micro-batch
+            for variant, extra in (("ours, head softmax kept (no recompute)", {"head_keep_bytes": 2 ** 40}),
+                                   (f"ours, micro {2 * micro}", {"micro": 2 * micro})):
+                res = run_worker(sys.executable, "ours-dpo", dict(spec, **extra), tmp, args.threads, required=False)
+                if res:
+                    show([dpo_row(name, variant, res, pairs, batch, warm, shape, peak)])
         elif w == "sampling":
             model = make_model("gpt2", os.path.join(tmp, "gpt2"), device)
             spec = {"model": model, "n_prompts": 64, "new_tokens": 48, "device": device}
@@ -366,7 +416,7 @@ def main(argv=None):
                    for v, s in zip(("ours, KV cache", "ours, no cache"), res["seconds"])]
             show(with_ratio(new, 0, 1))
         else:
-            sys.exit(f"error: unknown workload {w!r}; use fixed, hh, sweep, sampling or cache")
+            sys.exit(f"error: unknown workload {w!r}; use fixed, hh, sweep, sampling, cache or gpu")
     with open(args.out, "w") as f:
         json.dump({"device": device, "threads": args.threads, "matmul_peak_flops": peak,
                    "command": "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows},

@@ -473,11 +473,13 @@ def shares_prompt(cfg):
     return cfg.share_prompt and not cfg.grad_checkpoint
 
 
-def make_batch(items, device, share_prompt=True, pad_id=EOS):
+def make_batch(items, device, share_prompt=True, pad_id=EOS, count_tokens=False):
     """The tensors of one micro-batch on `device`: each prompt once (collate_shared, the default) or
-    prompt+response rows (collate_pairs), distinct rows scored once either way."""
+    prompt+response rows (collate_pairs), distinct rows scored once either way. count_tokens: also
+    return batch_tokens, counted on the CPU before the copy (no wait for the device)."""
     batch = collate_shared(items, pad_id) if share_prompt else collate_pairs(items, pad_id, distinct=True)
-    return {k: v.to(device) for k, v in batch.items()}
+    on_device = {k: v.to(device) for k, v in batch.items()}
+    return (on_device, batch_tokens(batch)) if count_tokens else on_device
 
 
 def batch_tokens(batch):
@@ -992,15 +994,19 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
         idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]  # the data position is the step
         mine = [idx[j] for j in shard(len(idx), rank, world)[0]]  # this process's pairs (one process: all)
         t0, fault = time.time(), None
-        sums = dict.fromkeys(("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                              "logps/chosen", "logps/rejected", "tokens"), 0.0)
+        # the step's sums stay on the device and are read once at its end: a read (.item()) waits for the
+        # device, and one per micro-batch would leave a GPU idle while Python queues the next micro-batch
+        keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+        sums, n_tokens, finite = torch.zeros(len(keys), device=device, dtype=torch.float64), 0, []
         mbs = micro_batches(train_items, mine, cfg.micro_batch_size)
         for m, mb in enumerate(mbs):
             # DDP all-reduces the gradients in the last micro-batch's backward only; FSDP reduce-scatters them
             # in every backward, so that they stay sharded
             ddp_accumulate = isinstance(fwd, nn.parallel.DistributedDataParallel) and m < len(mbs) - 1
             with fwd.no_sync() if ddp_accumulate else contextlib.nullcontext():
-                batch = make_batch([train_items[i] for i in mb], device, shares_prompt(cfg), pad_id)
+                batch, tokens = make_batch([train_items[i] for i in mb], device, shares_prompt(cfg), pad_id, True)
+                n_tokens += tokens  # the tokens actually computed
                 with autocast(device, dtype):
                     policy_logps = batch_logps(fwd, batch, cfg.average_logps).float()  # (2B,) one forward
                 if ref_lp is not None:
@@ -1009,26 +1015,24 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
                     with torch.no_grad(), reference_mode(), autocast(device, dtype):
                         ref = torch.stack(batch_logps(ref_fwd, batch, cfg.average_logps).float().chunk(2), 1)
                 losses, cr, rr = loss_from_logps(cfg, policy_logps, ref, batch)
-                if not torch.isfinite(losses).all() and fault is None:
-                    bad = [i for i, ok in zip(mb, torch.isfinite(losses).tolist()) if not ok]
-                    fault = (f"non-finite loss in micro-batch {m + 1} (training pairs {bad[:8]}, "
-                             f"the first with prompt {train_pairs[bad[0]]['prompt'][:40]!r})")
-                    if world == 1:
-                        break  # (several processes must each run every backward: they meet there)
+                finite.append(torch.isfinite(losses))  # checked at the step's end (a NaN loss gives NaN gradients)
                 # accumulating sums / batch = the full-batch mean; DDP and FSDP average the gradients over the
                 # processes, and x world turns that average back into the sum over all the step's pairs
                 (losses.sum() * world / cfg.batch_size).backward()
             pc, pr = policy_logps.detach().chunk(2)
-            for key, v in {"loss": losses.detach(), "rewards/chosen": cr, "rewards/rejected": rr,
-                           "rewards/accuracies": (cr > rr).float(), "rewards/margins": cr - rr,
-                           "logps/chosen": pc, "logps/rejected": pr}.items():
-                sums[key] += v.sum().item()
-            sums["tokens"] += batch_tokens(batch)  # the tokens actually computed
+            sums += torch.stack([v.sum() for v in (losses.detach(), cr, rr, (cr > rr).float(), cr - rr, pc, pr)]).double()
+        finite = torch.cat(finite).tolist()  # the step's one wait for the device, with the sums below
+        sums = dict(zip(keys, sums.tolist()))
+        if not all(finite):
+            bad = [i for i, ok in zip([i for mb in mbs for i in mb], finite) if not ok]
+            m = next(k for k, mb in enumerate(mbs) if bad[0] in mb)
+            fault = (f"non-finite loss in micro-batch {m + 1} (training pairs {bad[:8]}, "
+                     f"the first with prompt {train_pairs[bad[0]]['prompt'][:40]!r})")
         if world > 1:  # the whole step's metrics, and a fault on any process stops (or skips) on every one
-            sums = all_reduce_sum({**sums, "fault": fault is not None}, device)
+            sums = all_reduce_sum({**sums, "tokens": n_tokens, "fault": fault is not None}, device)
+            n_tokens = int(sums.pop("tokens"))
             if sums.pop("fault") and fault is None:
                 fault = "non-finite loss on another process"
-        n_tokens = sums.pop("tokens")
         if fault:
             grad_norm = math.nan
         else:
@@ -1049,6 +1053,8 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # the step's time includes its optimiser kernels, not the next step
         dt = time.time() - t0
         if fault:
             log(f"step {step}/{total_steps} | skipped: {fault} | {skipped} skipped so far (--skip-nonfinite)")
