@@ -94,7 +94,8 @@ def worker_ours_dpo(spec):
                           batch_size=spec["batch"], micro_batch_size=spec["micro"], steps=spec["steps"],
                           eval_every=10 ** 9, save_every=10 ** 9, overwrite=True, max_length=1024,
                           max_prompt_length=1023, seed=0, device=spec["device"], beta=spec.get("beta", 0.1),
-                          share_prompt=spec.get("share_prompt", True))
+                          share_prompt=spec.get("share_prompt", True), compile=spec.get("compile", False),
+                          weights_dtype=spec.get("weights_dtype", "float32"))
     ref_lp, t_ref = None, 0.0
     cache = spec.get("ref_cache")  # a sweep's later runs read the table the first one wrote (timed too)
     if cache and os.path.exists(cache):
@@ -110,8 +111,20 @@ def worker_ours_dpo(spec):
             torch.save(ref_lp, cache)
         t_ref = time.perf_counter() - t0
         del reference
-    _, history = dpo.train(cfg, train_pairs=pairs, eval_pairs=[], ref_lp=ref_lp, log=lambda s: None)
-    return {"step_s": [h["step_s"] for h in history], "ref_pass_s": t_ref, **peaks(spec["device"])}
+    if not spec.get("profile"):
+        _, history = dpo.train(cfg, train_pairs=pairs, eval_pairs=[], ref_lp=ref_lp, log=lambda s: None)
+        return {"step_s": [h["step_s"] for h in history], "ref_pass_s": t_ref, **peaks(spec["device"])}
+    from torch.profiler import ProfilerActivity, profile  # where the time goes: a table of operators and kernels
+    gpu = spec["device"].startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        _, history = dpo.train(cfg, train_pairs=pairs, eval_pairs=[], ref_lp=ref_lp, log=lambda s: None)
+    events = prof.key_averages()
+    sort = "self_device_time_total" if gpu else "self_cpu_time_total"
+    with open(spec["profile"], "w") as f:
+        f.write(events.table(sort_by=sort, row_limit=45))
+    busy = sum(getattr(e, sort) for e in events) / 1e6 if gpu else None  # kernel seconds, loading included
+    return {"step_s": [h["step_s"] for h in history], "ref_pass_s": t_ref, "device_busy_s": busy,
+            **peaks(spec["device"])}
 
 
 def worker_trl_dpo(spec):
@@ -306,6 +319,10 @@ def main(argv=None):
     parser.add_argument("--gpu-micro", type=int, default=16, help="pairs a forward/backward in the gpu workload (both sides)")
     parser.add_argument("--gpu-steps", type=int, default=10, help="timed steps of the gpu workload")
     parser.add_argument("--gpu-tokens", default="16,240", help="prompt,response tokens of the gpu workload's pairs")
+    parser.add_argument("--gpu-variants", default="kept,micro2x",
+                        help="more runs of ours in the gpu workload: kept, micro2x, micro4x, compile, compile-micro2x, "
+                             "bf16-weights, profile (writes --profile-out)")
+    parser.add_argument("--profile-out", default="profile.txt", help="the profiler's table (variant profile)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of every side")
     parser.add_argument("--device", default="auto", help="cuda, mps or cpu")
     parser.add_argument("--out", default="bench.json", help="where to write the table as JSON")
@@ -390,12 +407,23 @@ def main(argv=None):
                     new.append(dpo_row(name, "trl", res, pairs, batch, warm, shape, peak))
                     with_ratio(new, 0, 1)
             show(new)
-            # variants of ours, for the note: every softmax row kept for backward; a larger micro-batch
-            for variant, extra in (("ours, head softmax kept (no recompute)", {"head_keep_bytes": 2 ** 40}),
-                                   (f"ours, micro {2 * micro}", {"micro": 2 * micro})):
+            variants = {"kept": ("ours, head softmax kept (no recompute)", {"head_keep_bytes": 2 ** 40}),
+                        "micro2x": (f"ours, micro {2 * micro}", {"micro": 2 * micro}),
+                        "micro4x": (f"ours, micro {min(4 * micro, batch)}", {"micro": min(4 * micro, batch)}),
+                        "compile": ("ours, --compile", {"compile": True}),
+                        "compile-micro2x": (f"ours, --compile, micro {2 * micro}", {"compile": True, "micro": 2 * micro}),
+                        "bf16-weights": ("ours, --weights-dtype bfloat16", {"weights_dtype": "bfloat16"}),
+                        "profile": ("ours, under the profiler", {"profile": os.path.abspath(args.profile_out)})}
+            for v in filter(None, args.gpu_variants.split(",")):  # each in its own process, after the main rows
+                if v not in variants:
+                    sys.exit(f"error: --gpu-variants {v}: use {', '.join(variants)}")
+                variant, extra = variants[v]
                 res = run_worker(sys.executable, "ours-dpo", dict(spec, **extra), tmp, args.threads, required=False)
                 if res:
-                    show([dpo_row(name, variant, res, pairs, batch, warm, shape, peak)])
+                    row = dpo_row(name, variant, res, pairs, batch, warm, shape, peak)
+                    if res.get("device_busy_s"):
+                        row["device_busy_s"] = res["device_busy_s"]
+                    show([row])
         elif w == "sampling":
             model = make_model("gpt2", os.path.join(tmp, "gpt2"), device)
             spec = {"model": model, "n_prompts": 64, "new_tokens": 48, "device": device}

@@ -348,6 +348,10 @@ class TrainConfig:
                                "loses most updates to bfloat16 rounding: pair it with --lora-rank")
     grad_checkpoint: bool = field(False, "activation checkpointing: keep only each block's input and recompute the "
                                   "block in backward (activations ~L times smaller, one extra forward of compute)")
+    compile: bool = field(False, "torch.compile every transformer block (regional: the blocks share one compiled graph, "
+                          "so it compiles in about one block's time); fuses the small element-wise kernels on a GPU. "
+                          "The first steps (and each new sequence length, until shapes are marked dynamic) are slow "
+                          "while it compiles; results equal eager up to float rounding")
     trainable: str = field("all", "which weights training updates: all (the paper) or head (the output head only, "
                            "every block and embedding frozen: the policy can then only re-weight tokens, "
                            "log pi(y_t | .) = log pi_ref(y_t | .) + a learned per-token shift of the logits; used by "
@@ -645,6 +649,8 @@ def check_config(cfg):
     if cfg.trainable == "head" and (cfg.lora_rank or cfg.fsdp):
         raise InputError(f"--trainable head with {'--lora-rank' if cfg.lora_rank else '--fsdp'}: choose one way of "
                          f"limiting what trains (the head alone is small: DDP holds it on every process)")
+    if cfg.compile and cfg.fsdp:
+        raise InputError("--compile with --fsdp is not supported (untested here); drop one of them")
     if cfg.lora_rank and cfg.fsdp:
         raise InputError("--lora-rank with --fsdp is not supported: the frozen base fits where the adapters train; "
                          "drop --fsdp (each process then holds the base, DDP syncs the adapters)")
@@ -916,6 +922,10 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
             reference = copy.deepcopy(policy)
     if reference is not None and reference is not policy:
         reference.eval().requires_grad_(False)  # frozen: never trained, never in the optimiser
+    if cfg.compile:  # after the reference's deepcopy: a copy of a compiled block would call the original's code
+        for m in {id(policy): policy, id(reference): reference}.values():
+            if m is not None:
+                m.compile_blocks()
     reference_mode = (lambda: lora_disabled(policy)) if lora else contextlib.nullcontext
     longest = max(len(it["prompt_ids"]) + max(len(it["chosen_ids"]), len(it["rejected_ids"]))
                   for it in train_items + eval_items)

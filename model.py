@@ -460,11 +460,15 @@ class Attention(nn.Module):
         if rope is not None:  # rotary: rotate q and k before k enters the cache
             q, k = apply_rotary(q, *rope, self.interleaved), apply_rotary(k, *rope, self.interleaved)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nh, past+T, hs)
+            k, v = self.cached(cache, k, v)  # (B, nh, past+T, hs)
         is_causal = isinstance(mask, bool) and mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if isinstance(mask, bool) else mask,
                                            is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    @torch.compiler.disable  # under --compile this runs eagerly between two compiled pieces of the block, so
+    def cached(self, cache, k, v):  # the compiled code never reads self.layer and all blocks share one graph
+        return cache.update(self.layer, k, v)
 
 
 class MLP(nn.Module):
@@ -529,6 +533,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def compile_blocks(self):
+        """torch.compile each block in place (regional compilation): every block runs the same code, so they
+        share one compiled graph per input shape and compiling costs about one block's time. Parameter names,
+        state_dict and checkpoints are unchanged."""
+        for block in self.h:
+            block.compile()
+        return self
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())
