@@ -341,7 +341,8 @@ class TrainConfig:
     keep_checkpoints: bool = field(False, "also keep a copy of every saved checkpoint as step-N/")
     precompute_ref: bool = field(False, "one pass computes all reference log-probs, then the reference model is freed")
     share_prompt: bool = field(True, "compute each prompt once for its chosen and rejected responses (keys and values "
-                               "shared, gradients through both); --no-share-prompt: one row per prompt+response")
+                               "shared, gradients through both) when that saves at least 20%% of the tokens "
+                               "(worth_sharing); --no-share-prompt: always one row per prompt+response")
     weights_dtype: str = field("float32", "float32 or bfloat16: the dtype the policy and reference are loaded in "
                                "(shard by shard, never a float32 copy). bfloat16 halves weight memory; gradients "
                                "and optimiser state take the parameters' dtype, so full fine-tuning at lr 1e-6 "
@@ -419,7 +420,7 @@ def batch_logps(model, batch, average=False):
         return model(batch, average)
     if "response_ids" in batch:  # a collate_shared batch: each prompt computed once
         return shared_prompt_logps(model, batch, average)
-    token = model.logps(batch["input_ids"], batch["loss_mask"])  # (N, T)
+    token = model.logps(batch["input_ids"], batch["loss_mask"], target_index=batch.get("target_index"))  # (N, T)
     logps = token.sum(-1)  # (N,)
     if average:
         logps = logps / batch["loss_mask"].sum(-1).clamp(min=1)
@@ -477,11 +478,34 @@ def shares_prompt(cfg):
     return cfg.share_prompt and not cfg.grad_checkpoint
 
 
+SHARE_MIN_SAVING = 0.2  # --share-prompt shares only where that computes at least 20% fewer tokens
+
+
+def worth_sharing(items):
+    """Whether computing each distinct prompt once saves at least SHARE_MIN_SAVING of the tokens of these
+    pairs. A shared forward runs every layer twice (the prompts, then the responses): on a GPU that is
+    twice the kernel launches, so short prompts (IMDb's 2-8 tokens) are cheaper recomputed in each row;
+    long ones (Anthropic HH, ~70% of the tokens) are shared. Decided once per run, from all its pairs:
+    under torchrun every process must run the same passes (FSDP gathers parameters in each)."""
+    rows = {(tuple(it["prompt_ids"]), tuple(it[side])) for it in items for side in ("chosen_ids", "rejected_ids")}
+    full = sum(len(p) + len(r) for p, r in rows)
+    shared = sum(len(p) for p in {p for p, _ in rows}) + sum(len(r) for _, r in rows)
+    return shared <= (1 - SHARE_MIN_SAVING) * full
+
+
 def make_batch(items, device, share_prompt=True, pad_id=EOS, count_tokens=False):
     """The tensors of one micro-batch on `device`: each prompt once (collate_shared, the default) or
-    prompt+response rows (collate_pairs), distinct rows scored once either way. count_tokens: also
-    return batch_tokens, counted on the CPU before the copy (no wait for the device)."""
+    prompt+response rows (collate_pairs), distinct rows scored once either way; both give the same
+    log-probs (tested). count_tokens: also return batch_tokens, counted on the CPU before the copy (no
+    wait for the device)."""
     batch = collate_shared(items, pad_id) if share_prompt else collate_pairs(items, pad_id, distinct=True)
+    # the scored positions as flat indices, found here on the CPU: selecting them on a GPU with a boolean
+    # mask would make the host wait for the device (the number of selected rows decides the output's shape)
+    if share_prompt:
+        R = batch["response_ids"].size(1)
+        batch["response_index"] = (torch.arange(R) < batch["row_lens"][:, None]).view(-1).nonzero().squeeze(1)
+    else:
+        batch["target_index"] = batch["loss_mask"][:, 1:].reshape(-1).nonzero().squeeze(1)
     on_device = {k: v.to(device) for k, v in batch.items()}
     return (on_device, batch_tokens(batch)) if count_tokens else on_device
 
@@ -511,8 +535,11 @@ def shared_prompt_logps(model, batch, average=False):
     mask = torch.cat([prompt_mask[row_prompt], response_mask], 1)  # (N, P+R) padded prompt keys are masked
     hr = model(response_ids, attention_mask=mask, cache=prefix, return_hidden=True)  # (N, R, C)
     hidden = torch.cat([last[row_prompt, None], hr[:, :-1]], 1)  # (N, R, C): position j predicts token j
-    lp = head_logps(hidden[response_mask], model.lm_head, response_ids[response_mask])  # (M,)
-    rows = torch.arange(len(response_ids), device=device).unsqueeze(1).expand(-1, R)[response_mask]  # (M,)
+    index = batch.get("response_index")  # (M,) flat positions of the response tokens (make_batch: no device wait)
+    if index is None:
+        index = response_mask.view(-1).nonzero().squeeze(1)
+    lp = head_logps(hidden.flatten(0, 1)[index], model.lm_head, response_ids.view(-1)[index])  # (M,)
+    rows = torch.div(index, R, rounding_mode="floor")  # (M,) the row of each scored token
     logps = torch.zeros(len(response_ids), dtype=lp.dtype, device=device).index_add(0, rows, lp)  # (N,)
     if average:
         logps = logps / batch["row_lens"].clamp(min=1)
@@ -893,6 +920,10 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
     if len(train_items) < cfg.batch_size:
         raise InputError(f"only {len(train_items)} training pairs, fewer than --batch-size {cfg.batch_size}; "
                          f"lower --batch-size or add data")
+    if cfg.share_prompt and not worth_sharing(train_items + eval_items):
+        log(f"note: prompts too short to be worth computing once (sharing would save under "
+            f"{SHARE_MIN_SAVING:.0%} of the tokens): each row computes its own")
+        cfg = dataclasses.replace(cfg, share_prompt=False)
 
     lora = cfg.lora_rank > 0
     load_device = "cpu" if cfg.fsdp else device  # FSDP moves each process's shards to the GPU as it shards

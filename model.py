@@ -251,14 +251,18 @@ class HeadLogps(torch.autograd.Function):
 
 
 HEAD_KEEP_BYTES = 512 * 2**20  # HeadLogps keeps the softmax rows for backward up to this size, else recomputes
+HEAD_CHUNK_BYTES = 256 * 2**20  # rows per HeadLogps chunk: a (rows, V) float32 block of about this size
 
 
-def head_logps(h, head, labels, chunk=256, keep_bytes=None):
+def head_logps(h, head, labels, chunk=None, keep_bytes=None):
     """log pi(label | h) for rows h (M, C) through the output head (an nn.Linear): (M,) float32.
-    Chunked (HeadLogps); the softmax rows are kept for backward up to keep_bytes (default HEAD_KEEP_BYTES),
-    recomputed beyond. float64 (tests) takes the plain path."""
+    Chunked (HeadLogps) in blocks of `chunk` rows (default: HEAD_CHUNK_BYTES of float32 logits, 1,335 rows
+    of a 50k vocabulary: few chunks, so few kernel launches on a GPU; at least 256); the softmax rows are
+    kept for backward up to keep_bytes (default HEAD_KEEP_BYTES), recomputed beyond. float64 (tests) takes
+    the plain path."""
     if h.dtype == torch.float64:
         return token_logps(head(h), labels)
+    chunk = chunk or max(256, HEAD_CHUNK_BYTES // (4 * head.weight.size(0)))
     keep_bytes = HEAD_KEEP_BYTES if keep_bytes is None else keep_bytes
     if not (torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)):
         keep_bytes = 0  # no backward will come: keep nothing
@@ -594,18 +598,23 @@ class GPT(nn.Module):
         self._need_lm_head()
         return self.lm_head(x)  # (B, T, V)
 
-    def logps(self, idx, target_mask, attention_mask=None):
+    def logps(self, idx, target_mask, attention_mask=None, target_index=None):
         """Per-token log-probabilities log pi(idx[:, t] | idx[:, <t]) at the positions where target_mask
         is True, 0 elsewhere: (N, T) float32. target_mask (N, T) is aligned with idx (position 0 has no
         prediction and is ignored). The output head and log-softmax run only on the selected positions,
         not on prompt and padding tokens: with 50k-token vocabularies the head is most of the work.
-        Equal to token_logps(self(idx)[:, :-1], idx[:, 1:]) on the selected positions (tested)."""
+        target_index: the same positions as flat indices into (N, T-1), if the caller has them (found on
+        the CPU, a GPU need not wait for a boolean selection). Equal to token_logps(self(idx)[:, :-1],
+        idx[:, 1:]) on the selected positions (tested)."""
         self._need_lm_head()
+        N, T = idx.shape
         h = self(idx, attention_mask=attention_mask, return_hidden=True)  # (N, T, C)
-        sel = target_mask[:, 1:].bool()  # (N, T-1): hidden state t predicts token t+1
-        lp = head_logps(h[:, :-1][sel], self.lm_head, idx[:, 1:][sel])  # (M,) M = selected tokens
-        out = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)  # (N, T)
-        return out.masked_scatter(F.pad(sel, (1, 0)), lp)
+        if target_index is None:
+            target_index = target_mask[:, 1:].reshape(-1).nonzero().squeeze(1)  # (M,) hidden t predicts token t+1
+        lp = head_logps(h[:, :-1].flatten(0, 1)[target_index], self.lm_head,
+                        idx[:, 1:].reshape(-1)[target_index])  # (M,) M = selected tokens
+        out = torch.zeros(N * (T - 1), dtype=torch.float32, device=idx.device).index_copy(0, target_index, lp)
+        return F.pad(out.view(N, T - 1), (1, 0))  # (N, T), 0 at position 0 and wherever nothing is scored
 
     def classify(self, idx, attention_mask=None):
         """Sequence-classification logits (B, num_labels) from the first token (<s>) of each row of idx (B, T):

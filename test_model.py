@@ -362,3 +362,19 @@ def test_chunked_head_logps_equal_the_plain_head_with_gradients(bias, keep, monk
     gb = torch.autograd.grad((token_logps(head(h), labels) * w).sum(), params)
     for x, y in zip(gc, gb):  # bf16 matmuls: close to float32
         assert (x - y).abs().max() < 0.05 * y.abs().max() + 1e-3
+
+
+def test_head_chunk_rows_follow_head_chunk_bytes(monkeypatch):
+    """head_logps's default chunk: HEAD_CHUNK_BYTES of float32 logits per chunk, at least 256 rows (counted as
+    head matmuls over 600 rows of a 1,000-token vocabulary)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000)
+    h, labels = torch.randn(600, 16), torch.randint(0, 1000, (600,))
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(M.F, "linear", lambda *args: calls.append(1) or linear(*args))
+    for chunk_bytes, chunks in ((300 * 1000 * 4, 2), (1, 3), (2 ** 40, 1)):  # 300 rows; the 256 floor; all
+        monkeypatch.setattr(M, "HEAD_CHUNK_BYTES", chunk_bytes)
+        calls.clear()
+        M.head_logps(h, head, labels)
+        assert len(calls) == chunks, (chunk_bytes, len(calls))

@@ -244,7 +244,12 @@ def one_process(tmp_path_factory):
     """The 1-process run every multi-process run is compared with: (data file, metrics rows)."""
     folder = tmp_path_factory.mktemp("one")
     data = folder / "pairs.jsonl"
-    write_jsonl(data, synthetic_pairs(48, seed=3))
+    # long prompts (a shared context + the question), so that each prompt is computed once (worth_sharing):
+    # the multi-process runs then exercise the two-pass shared forward, which FSDP gathers parameters for twice
+    write_jsonl(data, [dict(p, prompt="the film story and the actor in the scene was " + p["prompt"])
+                       for p in synthetic_pairs(48, seed=3)])
+    items = [tokenize_pair(p["prompt"], p["chosen"], p["rejected"]) for p in map(json.loads, open(data))]
+    assert dpo.worth_sharing(items)
     assert dpo.main(RUN_ARGS + ["--data", str(data), "--out", str(folder / "run")]) == 0
     return data, [json.loads(ln) for ln in open(folder / "run" / "metrics.jsonl")]
 

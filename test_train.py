@@ -83,10 +83,35 @@ def test_precomputed_reference_equals_on_the_fly(tmp_path):
     assert ha[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy == reference at step 1: log 2
 
 
-def test_compile_equals_eager(tmp_path):
+def test_worth_sharing_by_hand():
+    """Sharing 2 rows' prompt of p tokens with responses of r tokens computes p + 2r tokens instead of 2p + 2r."""
+    pair = lambda p, r: {"prompt_ids": [1] * p, "chosen_ids": [2] * r, "rejected_ids": [3] * r}
+    assert dpo.worth_sharing([pair(8, 2)])  # 12 of 20 tokens: saves 40%
+    assert not dpo.worth_sharing([pair(2, 8)])  # 18 of 20: saves 10%
+    assert dpo.worth_sharing([pair(4, 6)])  # 16 of 20: exactly 20%
+    assert not dpo.worth_sharing([pair(4, 7)])  # 18 of 22: 18%
+    # 4 samples of one prefix (6 pairs, 4 distinct rows): 2 + 4*3 = 14 of 4*5 = 20 tokens
+    samples = [[5, 6, 7], [8, 9, 9], [7, 7, 7], [6, 6, 6]]
+    assert dpo.worth_sharing([{"prompt_ids": [1, 2], "chosen_ids": samples[i], "rejected_ids": samples[j]}
+                              for i in range(4) for j in range(i + 1, 4)])
+
+
+def test_short_prompts_are_not_shared(tmp_path):
+    """The synthetic prompts save under 20% when shared: the run says so and trains as --no-share-prompt does."""
+    pairs = synthetic_pairs(40)
+    lines = []
+    a, ha = dpo.train(tiny_cfg(tmp_path / "a", steps=2), pairs[:32], pairs[32:], log=lines.append)
+    b, hb = dpo.train(tiny_cfg(tmp_path / "b", steps=2, share_prompt=False), pairs[:32], pairs[32:], log=quiet)
+    assert any("prompts too short to be worth computing once" in ln for ln in lines), lines
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_compile_equals_eager(tmp_path, monkeypatch):
     """--compile (torch.compile per block) trains the same model as eager, up to float rounding. Both shared-prompt
     passes run (the prompt recorded, the responses attending to it), and the reference is its own compiled copy:
     had it called the policy's compiled code, every loss would stay log 2."""
+    monkeypatch.setattr(dpo, "SHARE_MIN_SAVING", 0.0)  # share these short prompts too
     pairs = synthetic_pairs(24)
     a, ha = dpo.train(tiny_cfg(tmp_path / "a", steps=2, model="random:1,2,32"), pairs[:16], pairs[16:], log=quiet)
     b, hb = dpo.train(tiny_cfg(tmp_path / "b", steps=2, model="random:1,2,32", compile=True), pairs[:16], pairs[16:],
