@@ -40,7 +40,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPES = {"gpt2": (12, 12, 768), "4x256": (4, 4, 256), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280)}
+SHAPES = {"gpt2": (12, 12, 768), "4x256": (4, 4, 256), "36x64": (36, 4, 64), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280)}
 EOS = 50256
 
 
@@ -127,7 +127,7 @@ def worker_ours_dpo(spec):
             **peaks(spec["device"])}
 
 
-def worker_trl_dpo(spec):
+def trl_trainer(spec, callbacks=()):
     """TRL's DPOTrainer on the same pairs in the same order (sequential sampler), reference model on the fly."""
     import copy
     import warnings
@@ -159,6 +159,23 @@ def worker_trl_dpo(spec):
                      report_to="none", logging_steps=10 ** 6,
                      save_strategy="no", eval_strategy="no", max_length=None, use_cpu=spec["device"] == "cpu",
                      dataloader_num_workers=0, seed=0, disable_tqdm=True, precompute_ref_log_probs=False)
+
+    class InOrder(DPOTrainer):  # the pairs in the given order, as ours sees them
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
+                      processing_class=tokenizer, callbacks=list(callbacks))
+    for i in (0, len(pairs) - 1):  # the exact token ids reach TRL
+        row = trainer.train_dataset[i]
+        assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == \
+               (pairs[i]["prompt_ids"], pairs[i]["chosen_ids"], pairs[i]["rejected_ids"]), "token ids differ"
+    return trainer
+
+
+def worker_trl_dpo(spec):
+    """trl_trainer's training, each step timed."""
+    import transformers
     times = []
 
     class Timer(transformers.TrainerCallback):
@@ -170,18 +187,67 @@ def worker_trl_dpo(spec):
             sync(spec["device"])
             times.append(time.perf_counter() - self.t0)
 
-    class InOrder(DPOTrainer):  # the pairs in the given order, as ours sees them
-        def _get_train_sampler(self, *a, **k):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    trainer = InOrder(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
-                      processing_class=tokenizer, callbacks=[Timer()])
-    for i in (0, len(pairs) - 1):  # the exact token ids reach TRL
-        row = trainer.train_dataset[i]
-        assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == \
-               (pairs[i]["prompt_ids"], pairs[i]["chosen_ids"], pairs[i]["rejected_ids"]), "token ids differ"
+    trainer = trl_trainer(spec, [Timer()])
     trainer.train()
     return {"step_s": times, **peaks(spec["device"])}
+
+
+def count_ops(fn):
+    """Runs fn() and counts the operators it sends to kernels (views, which launch none, left out) and the ones
+    that make the host wait for the device: .item(), nonzero, a boolean-mask selection (the result's size is
+    data). On a GPU each counted operator is a kernel launch that Python must issue."""
+    import collections
+    from torch.utils._python_dispatch import TorchDispatchMode
+    views = {"view", "_unsafe_view", "t", "transpose", "split", "split_with_sizes", "expand", "slice", "select",
+             "unsqueeze", "squeeze", "permute", "detach", "alias", "as_strided", "unbind", "_reshape_alias"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.waits = collections.Counter(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name not in views:
+                self.ops[name] += 1
+            boolean = name.startswith("index") and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                                                        for t in (args[1] or []))
+            self.waits += name in ("_local_scalar_dense", "nonzero", "masked_select") or boolean
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        fn()
+    return {"ops": sum(c.ops.values()), "waits": c.waits, "top": c.ops.most_common(6)}
+
+
+def worker_ours_ops(spec):
+    """Operators in one micro-batch of ours: policy forward, reference forward, backward."""
+    import copy
+    import dpo
+    from model import GPT
+    policy = GPT.from_pretrained(spec["model"])
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    items = spec["pairs"]
+    batch = dpo.make_batch(items, "cpu", dpo.worth_sharing(items))  # as dpo.train decides
+    out = {}
+    out["ours"] = count_ops(lambda: out.setdefault("lp", dpo.batch_logps(policy, batch)))
+    with torch.no_grad():
+        ref = count_ops(lambda: dpo.batch_logps(reference, batch))
+    back = count_ops(lambda: out.pop("lp").sum().backward())
+    res = out["ours"]
+    return {"ops": res["ops"] + ref["ops"] + back["ops"], "waits": res["waits"] + ref["waits"] + back["waits"],
+            "forward": res["ops"], "backward": back["ops"], "shared_prompt": "response_ids" in batch}
+
+
+def worker_trl_ops(spec):
+    """The same for TRL: its loss on the same micro-batch (policy and reference forwards), then backward."""
+    trainer = trl_trainer(spec)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    out = {}
+    fwd = count_ops(lambda: out.setdefault("loss", trainer.compute_loss(trainer.model, batch)))
+    back = count_ops(lambda: out.pop("loss").backward())
+    return {"ops": fwd["ops"] + back["ops"], "waits": fwd["waits"] + back["waits"], "backward": back["ops"]}
 
 
 def _prompts(n, seed=0):
@@ -225,7 +291,7 @@ def worker_hf_sample(spec):
 
 
 WORKERS = {"ours-dpo": worker_ours_dpo, "trl-dpo": worker_trl_dpo, "ours-sample": worker_ours_sample,
-           "hf-sample": worker_hf_sample}
+           "hf-sample": worker_hf_sample, "ours-ops": worker_ours_ops, "trl-ops": worker_trl_ops}
 
 
 def run_worker(python, name, spec, tmp, threads, required=True):
@@ -306,7 +372,7 @@ def with_ratio(rows, ours, other, key="tokens_per_s"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="speed: ours vs TRL's DPOTrainer and HF generate, side by side")
     parser.add_argument("workloads", nargs="*", default=["fixed", "hh", "sweep", "sampling"],
-                        help="fixed, hh, sweep, sampling, cache, gpu")
+                        help="fixed, hh, sweep, sampling, cache, gpu, ops")
     parser.add_argument("--trl-python", default=None, help="python of a virtual environment with trl and transformers")
     parser.add_argument("--shapes", default="gpt2,4x256", help="model shapes for the fixed workload")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the fixed workload")
@@ -424,6 +490,18 @@ def main(argv=None):
                     if res.get("device_busy_s"):
                         row["device_busy_s"] = res["device_busy_s"]
                     show([row])
+        elif w == "ops":  # kernel launches per micro-batch of the gpu workload, counted on the CPU
+            prompt, response = map(int, args.gpu_tokens.split(","))
+            shape = "36x64"  # gpt2-large's 36 blocks (the count does not depend on the width)
+            model = make_model(shape, os.path.join(tmp, shape), device)
+            spec = {"model": model, "pairs": fixed_pairs(args.gpu_micro, prompt, response), "batch": args.gpu_micro,
+                    "steps": 1, "device": "cpu", "out": os.path.join(tmp, "run")}
+            name = f"ops, 36 blocks, {args.gpu_micro}x({prompt}+{response})"
+            new = [{"workload": name, "variant": "ours", **run_worker(sys.executable, "ours-ops", spec, tmp, args.threads)}]
+            if args.trl_python:
+                new.append({"workload": name, "variant": "trl",
+                            **run_worker(args.trl_python, "trl-ops", spec, tmp, args.threads)})
+            show(new)
         elif w == "sampling":
             model = make_model("gpt2", os.path.join(tmp, "gpt2"), device)
             spec = {"model": model, "n_prompts": 64, "new_tokens": 48, "device": device}
@@ -444,7 +522,7 @@ def main(argv=None):
                    for v, s in zip(("ours, KV cache", "ours, no cache"), res["seconds"])]
             show(with_ratio(new, 0, 1))
         else:
-            sys.exit(f"error: unknown workload {w!r}; use fixed, hh, sweep, sampling, cache or gpu")
+            sys.exit(f"error: unknown workload {w!r}; use fixed, hh, sweep, sampling, cache, gpu or ops")
     with open(args.out, "w") as f:
         json.dump({"device": device, "threads": args.threads, "matmul_peak_flops": peak,
                    "command": "python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows},

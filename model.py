@@ -251,18 +251,23 @@ class HeadLogps(torch.autograd.Function):
 
 
 HEAD_KEEP_BYTES = 512 * 2**20  # HeadLogps keeps the softmax rows for backward up to this size, else recomputes
-HEAD_CHUNK_BYTES = 256 * 2**20  # rows per HeadLogps chunk: a (rows, V) float32 block of about this size
+HEAD_CHUNK_BYTES = 256 * 2**20  # rows per HeadLogps chunk on a GPU: a (rows, V) float32 block of about this size
+
+
+def head_chunk_rows(device, vocab_size):
+    """head_logps's default rows per chunk on `device` (see there)."""
+    return 256 if torch.device(device).type == "cpu" else max(256, HEAD_CHUNK_BYTES // (4 * vocab_size))
 
 
 def head_logps(h, head, labels, chunk=None, keep_bytes=None):
     """log pi(label | h) for rows h (M, C) through the output head (an nn.Linear): (M,) float32.
-    Chunked (HeadLogps) in blocks of `chunk` rows (default: HEAD_CHUNK_BYTES of float32 logits, 1,335 rows
-    of a 50k vocabulary: few chunks, so few kernel launches on a GPU; at least 256); the softmax rows are
-    kept for backward up to keep_bytes (default HEAD_KEEP_BYTES), recomputed beyond. float64 (tests) takes
-    the plain path."""
+    Chunked (HeadLogps) in blocks of `chunk` rows. Default: 256 rows on a CPU; on a GPU HEAD_CHUNK_BYTES of
+    float32 logits (1,335 rows of a 50k vocabulary; at least 256): few chunks, so few kernel launches. (On a
+    CPU larger blocks were no faster, measured, and cost memory.) The softmax rows are kept for backward up
+    to keep_bytes (default HEAD_KEEP_BYTES), recomputed beyond. float64 (tests) takes the plain path."""
     if h.dtype == torch.float64:
         return token_logps(head(h), labels)
-    chunk = chunk or max(256, HEAD_CHUNK_BYTES // (4 * head.weight.size(0)))
+    chunk = chunk or head_chunk_rows(h.device, head.weight.size(0))
     keep_bytes = HEAD_KEEP_BYTES if keep_bytes is None else keep_bytes
     if not (torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)):
         keep_bytes = 0  # no backward will come: keep nothing
@@ -470,8 +475,7 @@ class Attention(nn.Module):
                                            is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    @torch.compiler.disable  # under --compile this runs eagerly between two compiled pieces of the block, so
-    def cached(self, cache, k, v):  # the compiled code never reads self.layer and all blocks share one graph
+    def cached(self, cache, k, v):  # (GPT.compile_blocks keeps this out of the compiled graph)
         return cache.update(self.layer, k, v)
 
 
@@ -543,6 +547,9 @@ class GPT(nn.Module):
         share one compiled graph per input shape and compiling costs about one block's time. Parameter names,
         state_dict and checkpoints are unchanged."""
         for block in self.h:
+            # the cache update runs eagerly between two compiled pieces of the block: the compiled code then
+            # never reads the block's index (self.layer), so every block shares one graph (no recompiles)
+            block.attn.cached = torch.compiler.disable(block.attn.cached)
             block.compile()
         return self
 

@@ -365,16 +365,17 @@ def test_chunked_head_logps_equal_the_plain_head_with_gradients(bias, keep, monk
 
 
 def test_head_chunk_rows_follow_head_chunk_bytes(monkeypatch):
-    """head_logps's default chunk: HEAD_CHUNK_BYTES of float32 logits per chunk, at least 256 rows (counted as
-    head matmuls over 600 rows of a 1,000-token vocabulary)."""
+    """head_logps's default chunk: 256 rows on the CPU (counted as head matmuls over 600 rows); elsewhere
+    HEAD_CHUNK_BYTES of float32 logits per chunk, at least 256 rows."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 1000)
     h, labels = torch.randn(600, 16), torch.randint(0, 1000, (600,))
     calls = []
     linear = F.linear
     monkeypatch.setattr(M.F, "linear", lambda *args: calls.append(1) or linear(*args))
-    for chunk_bytes, chunks in ((300 * 1000 * 4, 2), (1, 3), (2 ** 40, 1)):  # 300 rows; the 256 floor; all
-        monkeypatch.setattr(M, "HEAD_CHUNK_BYTES", chunk_bytes)
-        calls.clear()
-        M.head_logps(h, head, labels)
-        assert len(calls) == chunks, (chunk_bytes, len(calls))
+    M.head_logps(h, head, labels)
+    assert len(calls) == 3  # 256 + 256 + 88 rows
+    assert M.head_chunk_rows("cuda", 50257) == 1335  # 256 MiB / (4 bytes x 50,257) = 1,335.3 rows
+    assert M.head_chunk_rows("cuda:1", 10 ** 7) == 256  # the floor
+    monkeypatch.setattr(M, "HEAD_CHUNK_BYTES", 300 * 1000 * 4)
+    assert M.head_chunk_rows("mps", 1000) == 300 and M.head_chunk_rows("cpu", 1000) == 256
