@@ -5,6 +5,7 @@ compare the ratios of one run, not figures from different runs.
     python bench.py --trl-python ../trl-venv/bin/python          # every workload; table + bench.json
     python bench.py hh sweep                                    # some workloads (TRL sides skipped
                                                                 # when --trl-python is not given)
+    python bench.py gpu --trl-python python3                    # on a GPU, TRL installed beside
 
 TRL and transformers are benchmark-only: install them in a separate virtual environment, e.g.
     python -m venv ../trl-venv && ../trl-venv/bin/pip install torch==2.13.0 && \\
@@ -21,6 +22,11 @@ Workloads (random-initialised GPT-2-shaped models, float32 on CPU / bfloat16 on 
     sampling  64 prompts (4-16 tokens) x 48 new tokens, gpt2 shape, temperature 1: ours (KV cache) vs
               transformers' generate (KV cache) on the same weights
     cache     16 prompts x 48 new tokens: ours with the KV cache vs recomputing the sequence every step
+    gpu       (for a GPU) the gpt2-large shape, 64 pairs a step of 16 + 240 tokens, micro-batches of 16 pairs on
+              both sides, bf16 autocast: ours vs TRL, MFU against a bf16 matmul, peak GPU memory; then
+              --gpu-variants of ours (a larger micro-batch, --compile, the profiler's table, ...)
+    ops       operators one micro-batch of the gpu workload sends to kernels (on a GPU, launches Python must
+              issue) and the ones that make the host wait for the device, ours vs TRL, counted on the CPU
 
 Each side runs in its own process, so peak RSS (resident memory) is that side's alone. Achieved FLOP/s
 counts 8*N*T per DPO step (policy forward+backward 6NT, reference forward 2NT; N = parameters including
@@ -221,10 +227,13 @@ def count_ops(fn):
 
 
 def worker_ours_ops(spec):
-    """Operators in one micro-batch of ours: policy forward, reference forward, backward."""
+    """Operators in one micro-batch of ours: policy forward, reference forward, backward; the head chunked as
+    on a GPU (model.head_chunk_rows)."""
     import copy
     import dpo
+    import model
     from model import GPT
+    model.head_chunk_rows = lambda device, vocab_size: max(256, model.HEAD_CHUNK_BYTES // (4 * vocab_size))
     policy = GPT.from_pretrained(spec["model"])
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     items = spec["pairs"]
