@@ -352,7 +352,9 @@ class TrainConfig:
     compile: bool = field(False, "torch.compile every transformer block (regional: the blocks share one compiled graph, "
                           "so it compiles in about one block's time); fuses the small element-wise kernels on a GPU. "
                           "The first steps (and each new sequence length, until shapes are marked dynamic) are slow "
-                          "while it compiles; results equal eager up to float rounding")
+                          "while it compiles; results equal eager up to float rounding (also with --grad-checkpoint and "
+                          "--lora-rank, checked; with LoRA the adapters-off reference passes add graphs, and past "
+                          "torch's recompile limit of 8 the rest runs eagerly, with a warning)")
     trainable: str = field("all", "which weights training updates: all (the paper) or head (the output head only, "
                            "every block and embedding frozen: the policy can then only re-weight tokens, "
                            "log pi(y_t | .) = log pi_ref(y_t | .) + a learned per-token shift of the logits; used by "

@@ -327,6 +327,7 @@ def test_bad_model_spec(tmp_path, good, capsys, spec, expected):
     (["--lr", "-0.001"], "--lr -0.001: the learning rate must be a positive number"),
     (["--dtype", "fp8"], "--dtype fp8: use auto, float32, bfloat16 or float16"),
     (["--device", "tpu"], "--device tpu: use auto, cpu, cuda"),
+    (["--compile", "--fsdp"], "--compile with --fsdp is not supported (untested here); drop one of them"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_flag(tmp_path, good, capsys, extra, expected):
     cli_error(capsys, args(good, tmp_path / "run", *extra), expected)
