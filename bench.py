@@ -233,7 +233,8 @@ def worker_ours_ops(spec):
     import dpo
     import model
     from model import GPT
-    model.head_chunk_rows = lambda device, vocab_size: max(256, model.HEAD_CHUNK_BYTES // (4 * vocab_size))
+    gpu_rows = model.head_chunk_rows
+    model.head_chunk_rows = lambda device, vocab_size: gpu_rows("cuda", vocab_size)  # the GPU's rule, on the CPU
     policy = GPT.from_pretrained(spec["model"])
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     items = spec["pairs"]

@@ -583,6 +583,9 @@ def collate_pairs(items, pad_id=EOS, distinct=False):
                        loss_mask[:, 1:] with labels input_ids[:, 1:].
         prompt_lens    (2B,) int64
         response_lens  (2B,) int64
+        target_index   (M,) int64, the scored positions as flat indices into (rows, T-1): where
+                       loss_mask[:, 1:] is True, found here on the CPU (a boolean selection on a GPU
+                       makes the host wait for the device)
         row_index      (2B,) int64, only with distinct=True: input_ids etc. then hold each distinct
                        (prompt, response) row once, N <= 2B rows, and row i of the pairs is row
                        row_index[i] of the batch. Pairs that share a response (the 6 pairs formed from 4
@@ -611,7 +614,9 @@ def collate_pairs(items, pad_id=EOS, distinct=False):
         input_ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
         attention_mask[i, :n] = 1
         loss_mask[i, len(p):n] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, **lens}
+    target_index = loss_mask[:, 1:].reshape(-1).nonzero().squeeze(1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "target_index": target_index, **lens}
 
 
 def batches(items, batch_size, generator=None, shuffle=True, drop_last=False):

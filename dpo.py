@@ -422,7 +422,7 @@ def batch_logps(model, batch, average=False):
         return model(batch, average)
     if "response_ids" in batch:  # a collate_shared batch: each prompt computed once
         return shared_prompt_logps(model, batch, average)
-    token = model.logps(batch["input_ids"], batch["loss_mask"], target_index=batch.get("target_index"))  # (N, T)
+    token = model.logps(batch["input_ids"], batch["loss_mask"], target_index=batch["target_index"])  # (N, T)
     logps = token.sum(-1)  # (N,)
     if average:
         logps = logps / batch["loss_mask"].sum(-1).clamp(min=1)
@@ -452,7 +452,8 @@ def collate_shared(items, pad_id=EOS):
         prompt_ids (B', P) right-padded, prompt_lens (B',); response_ids (N, R) right-padded,
         row_lens (N,), row_prompt (N,) the prompt of each distinct row; row_index (2B,) the distinct
         row of each pair row (chosen rows 0..B-1, then rejected rows B..2B-1); response_lens (2B,) as
-        collate_pairs gives them."""
+        collate_pairs gives them; response_index (M,) the response tokens as flat indices into (N, R),
+        found here on the CPU (as collate_pairs' target_index)."""
     prompts, rows, row_index = {}, {}, []
     for side in ("chosen_ids", "rejected_ids"):
         for it in items:
@@ -468,9 +469,10 @@ def collate_shared(items, pad_id=EOS):
     prompt_ids, prompt_lens = pad(list(prompts))
     response_ids, row_lens = pad([r for _, r in rows])
     row_index = torch.tensor(row_index, dtype=torch.long)
+    response_index = (torch.arange(response_ids.size(1)) < row_lens[:, None]).view(-1).nonzero().squeeze(1)
     return {"prompt_ids": prompt_ids, "prompt_lens": prompt_lens, "response_ids": response_ids,
             "row_lens": row_lens, "response_lens": row_lens[row_index], "row_prompt": torch.tensor([p for p, _ in rows], dtype=torch.long),
-            "row_index": row_index}
+            "row_index": row_index, "response_index": response_index}
 
 
 def shares_prompt(cfg):
@@ -501,13 +503,6 @@ def make_batch(items, device, share_prompt=True, pad_id=EOS, count_tokens=False)
     log-probs (tested). count_tokens: also return batch_tokens, counted on the CPU before the copy (no
     wait for the device)."""
     batch = collate_shared(items, pad_id) if share_prompt else collate_pairs(items, pad_id, distinct=True)
-    # the scored positions as flat indices, found here on the CPU: selecting them on a GPU with a boolean
-    # mask would make the host wait for the device (the number of selected rows decides the output's shape)
-    if share_prompt:
-        R = batch["response_ids"].size(1)
-        batch["response_index"] = (torch.arange(R) < batch["row_lens"][:, None]).view(-1).nonzero().squeeze(1)
-    else:
-        batch["target_index"] = batch["loss_mask"][:, 1:].reshape(-1).nonzero().squeeze(1)
     on_device = {k: v.to(device) for k, v in batch.items()}
     return (on_device, batch_tokens(batch)) if count_tokens else on_device
 
@@ -537,9 +532,7 @@ def shared_prompt_logps(model, batch, average=False):
     mask = torch.cat([prompt_mask[row_prompt], response_mask], 1)  # (N, P+R) padded prompt keys are masked
     hr = model(response_ids, attention_mask=mask, cache=prefix, return_hidden=True)  # (N, R, C)
     hidden = torch.cat([last[row_prompt, None], hr[:, :-1]], 1)  # (N, R, C): position j predicts token j
-    index = batch.get("response_index")  # (M,) flat positions of the response tokens (make_batch: no device wait)
-    if index is None:
-        index = response_mask.view(-1).nonzero().squeeze(1)
+    index = batch["response_index"]  # (M,) flat positions of the response tokens (found on the CPU: no device wait)
     lp = head_logps(hidden.flatten(0, 1)[index], model.lm_head, response_ids.view(-1)[index])  # (M,)
     rows = torch.div(index, R, rounding_mode="floor")  # (M,) the row of each scored token
     logps = torch.zeros(len(response_ids), dtype=lp.dtype, device=device).index_add(0, rows, lp)  # (N,)
@@ -955,10 +948,10 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
             reference = copy.deepcopy(policy)
     if reference is not None and reference is not policy:
         reference.eval().requires_grad_(False)  # frozen: never trained, never in the optimiser
+        if cfg.compile:
+            reference.compile_blocks()
     if cfg.compile:  # after the reference's deepcopy: a copy of a compiled block would call the original's code
-        for m in {id(policy): policy, id(reference): reference}.values():
-            if m is not None:
-                m.compile_blocks()
+        policy.compile_blocks()
     reference_mode = (lambda: lora_disabled(policy)) if lora else contextlib.nullcontext
     longest = max(len(it["prompt_ids"]) + max(len(it["chosen_ids"]), len(it["rejected_ids"]))
                   for it in train_items + eval_items)
