@@ -92,9 +92,9 @@ def pair_tokens(it):
 def worker_ours_dpo(spec):
     """dpo.train on the given pairs; returns per-step seconds (the trainer's own step timing)."""
     import dpo
-    import model
-    if "head_keep_bytes" in spec:  # a variant: keep the head's softmax rows up to this size (see model.HeadLogps)
-        model.HEAD_KEEP_BYTES = spec["head_keep_bytes"]
+    from machinery import fast
+    if "head_keep_bytes" in spec:  # a variant: keep the head's softmax rows up to this size (see fast.HeadLogps)
+        fast.HEAD_KEEP_BYTES = spec["head_keep_bytes"]
     pairs = [dict(p, prompt="", chosen="", rejected="") for p in spec["pairs"]]
     cfg = dpo.TrainConfig(model=spec["model"], out=spec["out"], optimizer="adamw", lr=1e-6, warmup_steps=0,
                           batch_size=spec["batch"], micro_batch_size=spec["micro"], steps=spec["steps"],
@@ -109,9 +109,11 @@ def worker_ours_dpo(spec):
         ref_lp = torch.load(cache)
         t_ref = time.perf_counter() - t0
     elif spec.get("precompute_ref"):
-        reference = dpo.load_model(spec["model"], cfg.device)
+        from machinery.fast import reference_logps
+        from machinery.hf import load_model
+        reference = load_model(spec["model"], cfg.device)
         t0 = time.perf_counter()
-        ref_lp = {"train": dpo.reference_logps(reference, pairs, spec["ref_micro"], cfg.device,
+        ref_lp = {"train": reference_logps(reference, pairs, spec["ref_micro"], cfg.device,
                                                share_prompt=cfg.share_prompt), "eval": torch.zeros(0, 2)}
         if cache:
             torch.save(ref_lp, cache)
@@ -228,21 +230,20 @@ def count_ops(fn):
 
 def worker_ours_ops(spec):
     """Operators in one micro-batch of ours: policy forward, reference forward, backward; the head chunked as
-    on a GPU (model.head_chunk_rows)."""
+    on a GPU (fast.head_chunk_rows)."""
     import copy
-    import dpo
-    import model
-    from model import GPT
-    gpu_rows = model.head_chunk_rows
-    model.head_chunk_rows = lambda device, vocab_size: gpu_rows("cuda", vocab_size)  # the GPU's rule, on the CPU
-    policy = GPT.from_pretrained(spec["model"])
+    from machinery import fast
+    from machinery.hf import from_pretrained
+    gpu_rows = fast.head_chunk_rows
+    fast.head_chunk_rows = lambda device, vocab_size: gpu_rows("cuda", vocab_size)  # the GPU's rule, on the CPU
+    policy = from_pretrained(spec["model"])
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     items = spec["pairs"]
-    batch = dpo.make_batch(items, "cpu", dpo.worth_sharing(items))  # as dpo.train decides
+    batch = fast.make_batch(items, "cpu", fast.worth_sharing(items))  # as dpo.train decides
     out = {}
-    out["ours"] = count_ops(lambda: out.setdefault("lp", dpo.batch_logps(policy, batch)))
+    out["ours"] = count_ops(lambda: out.setdefault("lp", fast.batch_logps(policy, batch)))
     with torch.no_grad():
-        ref = count_ops(lambda: dpo.batch_logps(reference, batch))
+        ref = count_ops(lambda: fast.batch_logps(reference, batch))
     back = count_ops(lambda: out.pop("lp").sum().backward())
     res = out["ours"]
     return {"ops": res["ops"] + ref["ops"] + back["ops"], "waits": res["waits"] + ref["waits"] + back["waits"],
@@ -267,8 +268,8 @@ def _prompts(n, seed=0):
 
 
 def worker_ours_sample(spec):
-    from model import GPT
-    model = GPT.from_pretrained(spec["model"], device=spec["device"])
+    from machinery.hf import from_pretrained
+    model = from_pretrained(spec["model"], device=spec["device"])
     prompts = _prompts(spec["n_prompts"])
     times = []
     for use_cache in ([True] if spec.get("cache_only", True) else [True, False]):
@@ -329,11 +330,12 @@ def run_worker(python, name, spec, tmp, threads, required=True):
 
 def make_model(shape, folder, device):
     """A random-initialised GPT-2-shaped model written once in the Hugging Face layout: both sides load it."""
+    from machinery.hf import save_pretrained
     from model import GPT, GPTConfig
     if not os.path.exists(os.path.join(folder, "model.safetensors")):
         torch.manual_seed(0)
         n_layer, n_head, n_embd = SHAPES[shape]
-        GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).save_pretrained(folder)
+        save_pretrained(GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)), folder)
     return folder
 
 
@@ -412,8 +414,8 @@ def main(argv=None):
         print("RESULT " + json.dumps(WORKERS[args.worker](spec)), flush=True)
         return
 
-    import dpo
-    device = dpo.pick_device(args.device)
+    from machinery.util import pick_device
+    device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     peak = matmul_peak(device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     print(f"device {device} | threads {args.threads} | matmul peak {peak / 1e9:.0f} GFLOP/s | "

@@ -25,7 +25,8 @@ import zlib
 import tiktoken
 import torch
 
-from model import HUB_URL, InputError, cache_dir, download, hub_folder
+from machinery.hub import HUB_URL, cache_dir, download, hub_folder
+from machinery.util import InputError
 
 EOS = 50256  # <|endoftext|>: appended to every response, and the padding id
 

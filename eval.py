@@ -30,8 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import GPT, InputError, Progress, field, resolve_checkpoint
-from model import parse_args as model_parse_args
+from machinery.fast import logps as response_logps
+from machinery.hf import from_pretrained
+from machinery.hub import resolve_checkpoint
+from machinery.util import InputError, Progress, field
+from machinery.util import parse_args as util_parse_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +175,7 @@ class RobertaReward:
         except FileNotFoundError:
             raise InputError(f"{name_or_dir}: no vocab.json (RoBERTa's token ids) beside the weights; "
                              f"copy it from the model's hub page into {folder}") from None
-        model = GPT.from_pretrained(folder, dtype=dtype, device=device)
+        model = from_pretrained(folder, dtype=dtype, device=device)
         max_len = min(512, model.config.block_size - getattr(model.config, "pos_offset", 0))  # RoBERTa: 514 - 2
         return cls(model, vocab_json, positive_label(os.path.join(folder, "config.json")), batch_size, max_len)
 
@@ -256,7 +259,7 @@ def completion_logps(model, prompts, completions, batch_size=64):
         input_ids, attention_mask = data.left_pad([list(p) + list(c) for p, c in zip(P, C)], pad_id=0)  # (N, T)
         lengths = torch.tensor([len(c) for c in C])  # (N,)
         target_mask = torch.arange(input_ids.size(1)) >= input_ids.size(1) - lengths[:, None]  # (N, T)
-        logps = model.logps(input_ids.to(device), target_mask.to(device), attention_mask.to(device))  # (N, T)
+        logps = response_logps(model, input_ids.to(device), target_mask.to(device), attention_mask.to(device))  # (N, T)
         out.append(logps.sum(-1).cpu())  # logps is 0 off the target positions
     model.train(model_was_training)
     return torch.cat(out) if out else torch.zeros(0)
@@ -432,7 +435,7 @@ class EvalConfig:
 
 def parse_args(argv=None):
     """EvalConfig from the command line (argv=None reads sys.argv)."""
-    return model_parse_args(EvalConfig, argv, __doc__.split("\n")[0])
+    return util_parse_args(EvalConfig, argv, __doc__.split("\n")[0])
 
 
 def run(cfg):
@@ -455,9 +458,9 @@ def run(cfg):
         print(f"saved {cfg.classifier}")
     if not cfg.policy:
         return
-    policy = GPT.from_pretrained(cfg.policy, device=cfg.device).requires_grad_(False)
+    policy = from_pretrained(cfg.policy, device=cfg.device).requires_grad_(False)
     reference = policy if not cfg.reference or cfg.reference == cfg.policy else \
-        GPT.from_pretrained(cfg.reference, device=cfg.device).requires_grad_(False)
+        from_pretrained(cfg.reference, device=cfg.device).requires_grad_(False)
     prompts = imdb_prompts(test or data.read_imdb("test", cfg.imdb), cfg.prompts,
                            generator=torch.Generator().manual_seed(cfg.seed))
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)

@@ -27,8 +27,11 @@ import time
 import torch
 
 import data
-from model import GPT, GPTConfig, InputError, Progress, field, keep_freed_memory
-from model import parse_args as model_parse_args
+from machinery.fast import keep_freed_memory, logps
+from machinery.hf import from_pretrained, save_pretrained
+from machinery.util import InputError, Progress, field
+from machinery.util import parse_args as util_parse_args
+from model import GPT, GPTConfig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +121,7 @@ def lm_loss(model, windows):
     Position 0 has no prediction, so target_mask is False there."""
     target_mask = torch.ones_like(windows, dtype=torch.bool)  # (N, T)
     target_mask[:, 0] = False
-    return -model.logps(windows, target_mask)[:, 1:].mean()
+    return -logps(model, windows, target_mask)[:, 1:].mean()
 
 
 @torch.no_grad()
@@ -198,7 +201,7 @@ def completion_batch(prompts, completions, device="cpu"):
 def completion_token_logps(model, prompts, completions):
     """Per-token log pi(y_t | x, y_<t) on the completion tokens, 0 elsewhere: (N, T), and the mask (N, T)."""
     input_ids, attention_mask, target_mask = completion_batch(prompts, completions, model.wte.weight.device)
-    return model.logps(input_ids, target_mask, attention_mask), target_mask
+    return logps(model, input_ids, target_mask, attention_mask), target_mask
 
 
 def log1m_exp(logp, eps=1e-6):
@@ -307,7 +310,7 @@ class TrainConfig:
 
 def parse_args(argv=None):
     """TrainConfig from the command line (argv=None reads sys.argv)."""
-    return model_parse_args(TrainConfig, argv, __doc__.split("\n")[0])
+    return util_parse_args(TrainConfig, argv, __doc__.split("\n")[0])
 
 
 def default_device():
@@ -340,7 +343,7 @@ def run(cfg):
         model = GPT(scratch_config()).to(device)
         init_unigram_bias(model, train_tokens)
     else:
-        model = GPT.from_pretrained(cfg.init, device=device)
+        model = from_pretrained(cfg.init, device=device)
     if cfg.seq_len > model.config.block_size:
         raise InputError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {model.config.block_size}")
     steps = max(1, cfg.tokens // (cfg.batch_size * cfg.seq_len))
@@ -354,7 +357,7 @@ def run(cfg):
     test_loss = eval_lm(model, test_tokens, cfg.seq_len, cfg.eval_windows)
     print(f"held-out loss on test reviews: {test_loss:.4f} (perplexity {math.exp(test_loss):.0f}) | "
           f"{train_s:.0f} s, {steps * cfg.batch_size * cfg.seq_len / train_s:.0f} tok/s")
-    model.save_pretrained(cfg.out)
+    save_pretrained(model, cfg.out)
     with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
         json.dump({**dataclasses.asdict(cfg), "steps": steps, "test_loss": test_loss, "train_seconds": train_s}, f, indent=2)
     with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as f:

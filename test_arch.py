@@ -9,8 +9,10 @@ import json
 import pytest
 import torch
 
-import model as M
-from model import GPT, GPTConfig, InputError
+from machinery.hf import config_to_hf, from_pretrained, save_pretrained
+from machinery.safetensors import load_safetensors, save_safetensors
+from machinery.util import InputError
+from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers (test-only oracle) is not installed")
 
@@ -73,7 +75,7 @@ def pair(request, tmp_path_factory):
     hf = hf_model(request.param)
     hf.save_pretrained(folder)
     assert (folder / "model.safetensors").exists()
-    return request.param, hf, GPT.from_pretrained(str(folder)), folder
+    return request.param, hf, from_pretrained(str(folder)), folder
 
 
 def logits_diff(arch, ours, hf, idx, mask):
@@ -127,7 +129,7 @@ def test_config_flags_read_from_config_json(pair):
 def test_rotary_left_padding_and_kv_cache(arch, tmp_path):
     hf = hf_model(arch)
     hf.save_pretrained(tmp_path)
-    m = GPT.from_pretrained(str(tmp_path))
+    m = from_pretrained(str(tmp_path))
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]
     T = 7
     left = torch.zeros(3, T, dtype=torch.long)
@@ -156,18 +158,18 @@ def test_rotary_left_padding_and_kv_cache(arch, tmp_path):
 
 def test_save_pretrained_round_trip_through_transformers(pair, tmp_path):
     arch, _, _, folder = pair
-    ours = GPT.from_pretrained(str(folder))  # a copy: the module's fixture stays as loaded
+    ours = from_pretrained(str(folder))  # a copy: the module's fixture stays as loaded
     with torch.no_grad():  # new values, so the file can only come from our writer
         for p in ours.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    ours.save_pretrained(str(tmp_path / "ckpt"))
+    save_pretrained(ours, str(tmp_path / "ckpt"))
     auto = transformers.AutoModelForSequenceClassification if arch == "roberta" else transformers.AutoModelForCausalLM
     hf, info = auto.from_pretrained(str(tmp_path / "ckpt"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert type(hf).__name__ == json.loads((tmp_path / "ckpt" / "config.json").read_text())["architectures"][0]
     idx, mask = batch(low=3)
     assert logits_diff(arch, ours, hf.eval(), idx, mask) < 1e-5
-    again = GPT.from_pretrained(str(tmp_path / "ckpt"))
+    again = from_pretrained(str(tmp_path / "ckpt"))
     assert again.config == ours.config
     for (n, p), (_, q) in zip(ours.named_parameters(), again.named_parameters()):
         assert torch.equal(p, q), n
@@ -175,7 +177,7 @@ def test_save_pretrained_round_trip_through_transformers(pair, tmp_path):
 
 def test_bf16_load(pair):
     arch, _, ours, folder = pair
-    half = GPT.from_pretrained(str(folder), dtype=torch.bfloat16)
+    half = from_pretrained(str(folder), dtype=torch.bfloat16)
     assert half.wte.weight.dtype == torch.bfloat16
     idx, mask = batch(low=3)
     with torch.no_grad():
@@ -192,12 +194,12 @@ def test_old_style_neox_config_and_buffers(tmp_path):
     rope = cfg.pop("rope_parameters")
     cfg.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"])
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    sd = {**M.load_safetensors(str(tmp_path / "model.safetensors")),
+    sd = {**load_safetensors(str(tmp_path / "model.safetensors")),
           "gpt_neox.layers.0.attention.rotary_emb.inv_freq": torch.ones(4),
           "gpt_neox.layers.1.attention.masked_bias": torch.tensor(-1e4),
           "gpt_neox.layers.1.attention.bias": torch.ones(1, 1, 4, 4)}
-    M.save_safetensors({k: v.clone() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
-    ours = GPT.from_pretrained(str(tmp_path))
+    save_safetensors({k: v.clone() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    ours = from_pretrained(str(tmp_path))
     assert (ours.config.rotary_dim, ours.config.rotary_base) == (8, 5000.0)
     idx, mask = batch()
     assert logits_diff("neox", ours, hf, idx, mask) < 1e-5
@@ -226,27 +228,27 @@ def test_bad_config_json(tmp_path, arch, edits, message):
     hf_model(arch).save_pretrained(tmp_path)
     _edit_config(tmp_path, **edits)
     with pytest.raises(InputError, match=r"config\.json: .*" + message.replace("(", r"\(").replace(")", r"\)")):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_key_table_errors_name_the_file(tmp_path):
     hf_model("gptj").save_pretrained(tmp_path)
-    sd = M.load_safetensors(str(tmp_path / "model.safetensors"))
+    sd = load_safetensors(str(tmp_path / "model.safetensors"))
     del sd["transformer.h.1.attn.v_proj.weight"]  # a third of our fused c_attn
-    M.save_safetensors({k: v.clone() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    save_safetensors({k: v.clone() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(InputError, match=r"lacks 1 weights, e\.g\. h\.1\.attn\.c_attn\.weight;.*not a GPT-J model"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     sd["transformer.h.1.attn.v_proj.weight"] = torch.zeros(64, 64)
     sd["transformer.h.0.attn.c_attn.weight"] = torch.zeros(64, 192)  # a GPT-2 key in a GPT-J file
-    M.save_safetensors({k: v.clone() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    save_safetensors({k: v.clone() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(InputError, match=r"model\.safetensors: unknown key "
                                          r"'transformer\.h\.0\.attn\.c_attn\.weight' for a 2-layer GPT-J"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     del sd["transformer.h.0.attn.c_attn.weight"]
     sd["transformer.h.0.attn.q_proj.weight"] = torch.zeros(64, 32)
-    M.save_safetensors({k: v.clone() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    save_safetensors({k: v.clone() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(InputError, match=r"q_proj\.weight has shape \(64, 32\) but .* expects \(64, 64\)"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_flag_validation_and_head_errors():
@@ -259,7 +261,7 @@ def test_flag_validation_and_head_errors():
     assert GPTConfig(**SHAPE, pos_embedding="rotary").rotary_dim == 16  # None: the whole head
     # flags a GPT-2 file cannot express: refused before anything is written
     with pytest.raises(ValueError, match="a gpt2 checkpoint cannot express parallel_residual=True"):
-        M.config_to_hf(GPTConfig(**SHAPE, parallel_residual=True))
+        config_to_hf(GPTConfig(**SHAPE, parallel_residual=True))
     torch.manual_seed(0)
     enc = GPT(GPTConfig(**SHAPE, vocab_size=V, block_size=32, model_type="roberta", causal=False, post_layernorm=True,
                         embedding_layernorm=True, type_vocab_size=1, pos_offset=2, pad_token_id=1, num_labels=2))
@@ -312,7 +314,7 @@ def test_dpo_trains_a_neox_model_with_its_own_tokenizer(tmp_path):
     ckpt = tmp_path / "run" / "checkpoint"
     assert (ckpt / "tokenizer.json").read_text() == (folder / "tokenizer.json").read_text()
     assert data.load_tokenizer(str(ckpt)).encode("the movie") == tok.encode("the movie").ids
-    reloaded = GPT.from_pretrained(str(ckpt))
+    reloaded = from_pretrained(str(ckpt))
     assert reloaded.config.model_type == "gpt_neox"
     for p, q in zip(policy.parameters(), reloaded.parameters()):
         assert torch.equal(p, q)

@@ -15,6 +15,8 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "
 IMDB = os.environ.get("DPO_IMDB", os.path.join(HERE, "..", "shared", "data", "aclImdb_v1.tar.gz"))
 
 import dpo
+from machinery import imdb
+from machinery.hf import from_pretrained
 from data import EOS, encode
 from model import GPT
 
@@ -23,7 +25,7 @@ def test_four_samples_make_six_pairs_higher_reward_chosen():
     prompt = [EOS] + encode("This movie")
     samples = [encode(" was great"), encode(" was awful"), encode(" was fine"), encode(" bored me")]
     rewards = [0.9, 0.1, 0.6, 0.2]
-    pairs = dpo.make_pairs(prompt, samples, rewards, group=7)
+    pairs = imdb.make_pairs(prompt, samples, rewards, group=7)
     assert len(pairs) == 6
     assert all(p["chosen_reward"] > p["rejected_reward"] and p["group"] == 7 for p in pairs)
     got = {(p["chosen"], p["rejected"]) for p in pairs}
@@ -33,7 +35,7 @@ def test_four_samples_make_six_pairs_higher_reward_chosen():
 
 
 def test_ties_make_no_pair():
-    pairs = dpo.make_pairs([EOS, 1], [[2], [3], [4], [5]], [0.5, 0.5, 0.9, 0.1], group=0)
+    pairs = imdb.make_pairs([EOS, 1], [[2], [3], [4], [5]], [0.5, 0.5, 0.9, 0.1], group=0)
     assert len(pairs) == 5  # the tie (samples 0 and 1) carries no preference
     assert not any({tuple(p["chosen_ids"]), tuple(p["rejected_ids"])} == {(2,), (3,)} for p in pairs)
 
@@ -65,10 +67,10 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
     header = open(out / "results.csv").readline().strip().split(",")
     assert header[:3] == ["method", "reward", "reward_se"] or {"method", "reward", "kl"} <= set(header)
     # the CPU preset trains the output head only, in DPO and in the baselines alike (--trainable head)
-    sft_w = GPT.from_pretrained(str(out / "sft")).state_dict()
+    sft_w = from_pretrained(str(out / "sft")).state_dict()
     last = max((d for d in os.listdir(out / "dpo-beta0.1") if d.startswith("step-")), key=lambda d: int(d[5:]))
     for folder in (out / "dpo-beta0.1" / last, out / "preferred-ft", out / "unlikelihood-alpha0.1"):
-        trained = GPT.from_pretrained(str(folder)).state_dict()
+        trained = from_pretrained(str(folder)).state_dict()
         assert [k for k in sft_w if not torch.equal(sft_w[k], trained[k])] == ["lm_head.weight"], folder
     # a second run finds every stage cached and gives the same table
     capsys.readouterr()

@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from model import GPT, GPTConfig, InputError
+from machinery import fast, hub
+from machinery.hf import config_to_hf, from_pretrained, save_pretrained
+from machinery.safetensors import load_safetensors, save_safetensors
+from machinery.util import InputError
+from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers (test-only oracle) is not installed")
 
@@ -65,7 +69,7 @@ def test_logits_match_transformers(tmp_path, fmt):
                 torch.save({k: sd[k] for k in ks}, tmp_path / file)
             index = {"weight_map": {k: f for f, ks in halves.items() for k in ks}}
             (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    ours = GPT.from_pretrained(str(tmp_path))
+    ours = from_pretrained(str(tmp_path))
     diff = max_diff(ours, hf, tokens())
     print(f"\n{fmt}: max |logit difference| vs transformers = {diff:.2e}")
     assert diff < 1e-5
@@ -74,10 +78,10 @@ def test_logits_match_transformers(tmp_path, fmt):
 def test_save_pretrained_round_trip_through_transformers(tmp_path):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(**TINY)).eval()
-    ours.save_pretrained(str(tmp_path / "ckpt"))
+    save_pretrained(ours, str(tmp_path / "ckpt"))
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "ckpt")).eval()
     assert max_diff(ours, hf, tokens()) < 1e-5
-    again = GPT.from_pretrained(str(tmp_path / "ckpt"))
+    again = from_pretrained(str(tmp_path / "ckpt"))
     for (n, p), (_, q) in zip(ours.named_parameters(), again.named_parameters()):
         assert torch.equal(p, q), n
 
@@ -85,8 +89,8 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path):
 def test_save_pretrained_bf16_round_trip(tmp_path):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(**TINY)).to(torch.bfloat16)
-    ours.save_pretrained(str(tmp_path / "ckpt"))
-    again = GPT.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.bfloat16)
+    save_pretrained(ours, str(tmp_path / "ckpt"))
+    again = from_pretrained(str(tmp_path / "ckpt"), dtype=torch.bfloat16)
     assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), again.parameters()))
     assert again.wte.weight.dtype == torch.bfloat16
 
@@ -128,7 +132,7 @@ def test_padding_invariance_left_and_right():
 def test_left_padding_matches_transformers(tmp_path):
     hf = hf_model()
     hf.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(str(tmp_path))
+    ours = from_pretrained(str(tmp_path))
     idx = tokens(2, 9)
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[0, :4] = 0
@@ -142,9 +146,9 @@ def test_left_padding_matches_transformers(tmp_path):
 
 def _write_fake_checkpoint(folder, tensors, cfg=TINY):
     os.makedirs(folder, exist_ok=True)
-    M.save_safetensors(tensors, os.path.join(folder, "model.safetensors"))
+    save_safetensors(tensors, os.path.join(folder, "model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(M.config_to_hf(GPTConfig(**cfg)), f)
+        json.dump(config_to_hf(GPTConfig(**cfg)), f)
 
 
 def test_key_table_rejects_unknown_key_and_wrong_shape(tmp_path):
@@ -153,45 +157,45 @@ def test_key_table_rejects_unknown_key_and_wrong_shape(tmp_path):
     sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     _write_fake_checkpoint(tmp_path / "a", {**sd, "transformer.h.0.attn.rotary.inv_freq": torch.ones(4)})
     with pytest.raises(InputError, match="unknown key 'transformer.h.0.attn.rotary.inv_freq'"):
-        GPT.from_pretrained(str(tmp_path / "a"))
+        from_pretrained(str(tmp_path / "a"))
     bad = dict(sd)
     bad["transformer.h.1.mlp.c_fc.weight"] = torch.ones(32, 64)
     _write_fake_checkpoint(tmp_path / "b", bad)
     with pytest.raises(InputError, match=r"h\.1\.mlp\.c_fc\.weight has shape \(64, 32\).*expects \(128, 32\)"):
-        GPT.from_pretrained(str(tmp_path / "b"))
+        from_pretrained(str(tmp_path / "b"))
     missing = {k: v for k, v in sd.items() if "ln_f" not in k}
     _write_fake_checkpoint(tmp_path / "c", missing)
     with pytest.raises(InputError, match="lacks 2 weights, e.g. ln_f.weight"):
-        GPT.from_pretrained(str(tmp_path / "c"))
+        from_pretrained(str(tmp_path / "c"))
     extra_layer = {**sd, "transformer.h.2.ln_1.weight": torch.ones(32)}
     _write_fake_checkpoint(tmp_path / "d", extra_layer)
     with pytest.raises(InputError, match="unknown key 'transformer.h.2.ln_1.weight' for a 2-layer"):
-        GPT.from_pretrained(str(tmp_path / "d"))
+        from_pretrained(str(tmp_path / "d"))
 
 
 def test_truncated_safetensors_and_bad_config(tmp_path):
     torch.manual_seed(0)
-    GPT(GPTConfig(**TINY)).save_pretrained(str(tmp_path / "ok"))
+    save_pretrained(GPT(GPTConfig(**TINY)), str(tmp_path / "ok"))
     path = tmp_path / "ok" / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="truncated"):
-        GPT.from_pretrained(str(tmp_path / "ok"))
+        from_pretrained(str(tmp_path / "ok"))
     path.write_bytes(b"\x00" * 4)
     with pytest.raises(InputError, match="not a safetensors file"):
-        GPT.from_pretrained(str(tmp_path / "ok"))
+        from_pretrained(str(tmp_path / "ok"))
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     with pytest.raises(InputError, match="model_type 'llama' is not supported"):
-        GPT.from_pretrained(str(tmp_path / "ok"))
+        from_pretrained(str(tmp_path / "ok"))
 
 
 def test_safetensors_writer_is_readable_by_the_safetensors_library(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     ts = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.randn(2, 2).half()}
-    M.save_safetensors(ts, str(tmp_path / "x.safetensors"))
+    save_safetensors(ts, str(tmp_path / "x.safetensors"))
     back = st.load_file(str(tmp_path / "x.safetensors"))
-    ours = M.load_safetensors(str(tmp_path / "x.safetensors"))
+    ours = load_safetensors(str(tmp_path / "x.safetensors"))
     for k in ts:
         assert torch.equal(back[k], ts[k]) and torch.equal(ours[k], ts[k])
 
@@ -258,18 +262,18 @@ def test_hub_offline_and_missing_model_messages(tmp_path, monkeypatch):
 
     def offline(*a, **k):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(M.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(hub.urllib.request, "urlopen", offline)
     with pytest.raises(InputError, match=r"cannot download gpt2 \(offline\?\): put config.json and model.safetensors "
                                          r"from https://huggingface.co/gpt2 into .*hub/gpt2"):
-        GPT.from_pretrained("gpt2")
+        from_pretrained("gpt2")
 
     def not_found(req, *a, **k):
         raise urllib.error.HTTPError(req.full_url, 404, "Not Found", {}, None)
-    monkeypatch.setattr(M.urllib.request, "urlopen", not_found)
+    monkeypatch.setattr(hub.urllib.request, "urlopen", not_found)
     with pytest.raises(InputError, match="no such model on the Hugging Face hub"):
-        GPT.from_pretrained("someone/no-such-model")
+        from_pretrained("someone/no-such-model")
     with pytest.raises(InputError, match="no such folder"):
-        GPT.from_pretrained("./does/not/exist")
+        from_pretrained("./does/not/exist")
 
 
 def test_download_from_local_server_is_atomic_and_resumes(tmp_path):
@@ -304,10 +308,10 @@ def test_download_from_local_server_is_atomic_and_resumes(tmp_path):
         dest = tmp_path / "out" / "blob.bin"
         dest.parent.mkdir()
         (tmp_path / "out" / "blob.bin.part").write_bytes(payload[:123_456])  # an interrupted earlier download
-        M.download(url, str(dest))
+        hub.download(url, str(dest))
         assert dest.read_bytes() == payload and not (tmp_path / "out" / "blob.bin.part").exists()
         with pytest.raises(FileNotFoundError):
-            M.download(url.replace("blob", "nothing"), str(tmp_path / "out" / "x"))
+            hub.download(url.replace("blob", "nothing"), str(tmp_path / "out" / "x"))
         assert not (tmp_path / "out" / "x").exists()
     finally:
         server.shutdown()
@@ -319,13 +323,13 @@ def test_logps_on_selected_positions_equal_full_logits():
     idx = tokens(4, 12)
     mask = torch.rand(4, 12, generator=torch.Generator().manual_seed(2)) < 0.5
     full = M.token_logps(m(idx)[:, :-1], idx[:, 1:])  # (4, 11)
-    fast = m.logps(idx, mask)
+    selected = fast.logps(m, idx, mask)
     expect = torch.where(mask[:, 1:], full, torch.zeros_like(full))
-    torch.testing.assert_close(fast[:, 1:], expect, atol=1e-6, rtol=0)
-    assert (fast[:, 0] == 0).all()
+    torch.testing.assert_close(selected[:, 1:], expect, atol=1e-6, rtol=0)
+    assert (selected[:, 0] == 0).all()
     # and the gradients agree
     g_full = torch.autograd.grad(expect.sum(), m.wte.weight)[0]
-    g_fast = torch.autograd.grad(m.logps(idx, mask).sum(), m.wte.weight)[0]
+    g_fast = torch.autograd.grad(fast.logps(m, idx, mask).sum(), m.wte.weight)[0]
     torch.testing.assert_close(g_fast, g_full, atol=1e-6, rtol=0)
 
 
@@ -335,7 +339,8 @@ def test_chunked_head_logps_equal_the_plain_head_with_gradients(bias, keep, monk
     """HeadLogps (chunked; the softmax rows kept for backward, or the logits recomputed there) against
     log_softmax of the full logits: values and the gradients of h, W and b, for a chunk size that does not
     divide the rows. Kept: backward does no head matmul at all (counted)."""
-    from model import HeadLogps, token_logps
+    from machinery.fast import HeadLogps
+    from model import token_logps
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 1000, bias=bias)
     h = torch.randn(300, 16, requires_grad=True)
@@ -348,7 +353,7 @@ def test_chunked_head_logps_equal_the_plain_head_with_gradients(bias, keep, monk
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
     calls = []
     linear = F.linear
-    monkeypatch.setattr(M.F, "linear", lambda *args: calls.append(1) or linear(*args))
+    monkeypatch.setattr(fast.F, "linear", lambda *args: calls.append(1) or linear(*args))
     grads = torch.autograd.grad((a * w).sum(), params)
     monkeypatch.undo()
     assert len(calls) == (0 if keep else 5)  # 300 rows in chunks of 64: 5 recomputed chunks
@@ -372,10 +377,10 @@ def test_head_chunk_rows_follow_head_chunk_bytes(monkeypatch):
     h, labels = torch.randn(600, 16), torch.randint(0, 1000, (600,))
     calls = []
     linear = F.linear
-    monkeypatch.setattr(M.F, "linear", lambda *args: calls.append(1) or linear(*args))
-    M.head_logps(h, head, labels)
+    monkeypatch.setattr(fast.F, "linear", lambda *args: calls.append(1) or linear(*args))
+    fast.head_logps(h, head, labels)
     assert len(calls) == 3  # 256 + 256 + 88 rows
-    assert M.head_chunk_rows("cuda", 50257) == 1335  # 256 MiB / (4 bytes x 50,257) = 1,335.3 rows
-    assert M.head_chunk_rows("cuda:1", 10 ** 7) == 256  # the floor
-    monkeypatch.setattr(M, "HEAD_CHUNK_BYTES", 300 * 1000 * 4)
-    assert M.head_chunk_rows("mps", 1000) == 300 and M.head_chunk_rows("cpu", 1000) == 256
+    assert fast.head_chunk_rows("cuda", 50257) == 1335  # 256 MiB / (4 bytes x 50,257) = 1,335.3 rows
+    assert fast.head_chunk_rows("cuda:1", 10 ** 7) == 256  # the floor
+    monkeypatch.setattr(fast, "HEAD_CHUNK_BYTES", 300 * 1000 * 4)
+    assert fast.head_chunk_rows("mps", 1000) == 300 and fast.head_chunk_rows("cpu", 1000) == 256

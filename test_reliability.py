@@ -32,8 +32,11 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import dpo  # noqa: E402
-import model as M  # noqa: E402
-from model import GPT, GPTConfig, InputError  # noqa: E402
+import machinery.hf  # noqa: E402
+from machinery import hub  # noqa: E402
+from machinery.hf import from_pretrained, save_pretrained  # noqa: E402
+from machinery.util import InputError  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 REAL_IMDB = os.environ.get("DPO_IMDB") or os.path.join(HERE, "..", "shared", "data", "aclImdb_v1.tar.gz")
 REAL_HH = os.path.join(HERE, "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
@@ -234,7 +237,7 @@ def test_real_imdb_archive_truncated(tmp_path):
 
 def checkpoint(folder, **shape):
     torch.manual_seed(0)
-    GPT(GPTConfig(**{"n_layer": 1, "n_head": 2, "n_embd": 32, **shape})).save_pretrained(str(folder))
+    save_pretrained(GPT(GPTConfig(**{"n_layer": 1, "n_head": 2, "n_embd": 32, **shape})), str(folder))
     return str(folder)
 
 
@@ -294,7 +297,7 @@ def test_hub_name_that_does_not_exist(tmp_path, good, capsys, monkeypatch, failu
         if failure == "offline":
             raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
         raise urllib.error.HTTPError(req.full_url, failure, "Unauthorized" if failure == 401 else "Not Found", {}, None)
-    monkeypatch.setattr(M.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(hub.urllib.request, "urlopen", urlopen)
     cli_error(capsys, args(good, tmp_path / "run", "--model", "someone/no-such-model"), *expected)
     assert_nothing_written(tmp_path / "run")
 
@@ -408,7 +411,7 @@ def test_cli_subprocess_exits_2_with_one_line(tmp_path, good):
 
 
 def load_weights(folder):
-    return dict(GPT.from_pretrained(str(folder)).named_parameters())
+    return dict(from_pretrained(str(folder)).named_parameters())
 
 
 def test_kill_9_then_resume_is_bit_identical(tmp_path, capsys):
@@ -600,7 +603,7 @@ def test_nan_weights_are_never_saved(tmp_path, good, capsys, monkeypatch):
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, good, capsys, monkeypatch):
-    real, calls = M.save_safetensors, [0]
+    real, calls = machinery.hf.save_safetensors, [0]
 
     def save(tensors, path, metadata=None):
         calls[0] += 1
@@ -609,7 +612,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, good, c
                 f.write(b"half")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(tensors, path, metadata)
-    monkeypatch.setattr(M, "save_safetensors", save)
+    monkeypatch.setattr(machinery.hf, "save_safetensors", save)
     run = tmp_path / "run"
     cli_error(capsys, args(good, run, "--steps", 4), f"step 2: cannot write the checkpoint to {run}/checkpoint "
               "(No space left on device)", "(step 1)", "free some space")

@@ -19,8 +19,11 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "
 
 import dpo  # noqa: E402
 from data import collate_pairs, tokenize_pair  # noqa: E402
-from model import (GPT, GPTConfig, InputError, add_lora, config_to_hf, lora_disabled, lora_merged,  # noqa: E402
-                   lora_state_dict)
+from machinery import fast, memory  # noqa: E402
+from machinery.hf import config_to_hf, from_pretrained, load_model, save_pretrained  # noqa: E402
+from machinery.lora import add_lora, lora_disabled, lora_merged, lora_state_dict  # noqa: E402
+from machinery.util import InputError  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 from test_train import quiet, synthetic_pairs, tiny_cfg, write_jsonl  # noqa: E402
 
 
@@ -35,48 +38,48 @@ def meta_params(config):
 def test_parameter_count_from_the_shape_equals_the_model():
     for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         c = GPTConfig.named(name)
-        assert dpo.count_params(c) == meta_params(c), name
-    assert dpo.count_params(GPTConfig.named("gpt2")) == 124_439_808  # the published GPT-2 small count
+        assert memory.count_params(c) == meta_params(c), name
+    assert memory.count_params(GPTConfig.named("gpt2")) == 124_439_808  # the published GPT-2 small count
     for kw in (dict(n_inner=100, tie_word_embeddings=False), dict(bias=False, block_size=64)):
         c = GPTConfig(n_layer=3, n_head=2, n_embd=32, **kw)
-        assert dpo.count_params(c) == meta_params(c), kw
+        assert memory.count_params(c) == meta_params(c), kw
     fields = GPTConfig.__dataclass_fields__
-    for name, shape in dpo.KNOWN_SHAPES.items():  # Pythia and GPT-J, once GPTConfig has their flags
+    for name, shape in memory.KNOWN_SHAPES.items():  # Pythia and GPT-J, once GPTConfig has their flags
         if all(k in fields for k in shape):
             c = GPTConfig(**shape)
-            assert dpo.count_params(c) == meta_params(c), name
-    assert dpo.count_params(dpo.model_shape("EleutherAI/pythia-2.8b")) == 2_775_208_960
+            assert memory.count_params(c) == meta_params(c), name
+    assert memory.count_params(memory.model_shape("EleutherAI/pythia-2.8b")) == 2_775_208_960
 
 
 def test_memory_estimate_terms():
     base = dpo.TrainConfig(model="gpt2-large")
-    e = dpo.estimate_memory("gpt2-large", base)
-    P = dpo.count_params(GPTConfig.named("gpt2-large"))
+    e = memory.estimate_memory("gpt2-large", base)
+    P = memory.count_params(GPTConfig.named("gpt2-large"))
     assert e["weights"] == e["gradients"] == e["optimizer"] == e["reference"] == 4 * P  # RMSprop: one float32 buffer
-    assert dpo.estimate_memory("gpt2-large", dpo.TrainConfig(optimizer="adamw"))["optimizer"] == 8 * P
-    assert dpo.estimate_memory("gpt2-large", dpo.TrainConfig(precompute_ref=True))["reference"] == 0
-    half = dpo.estimate_memory("gpt2-large", dpo.TrainConfig(weights_dtype="bfloat16"))
+    assert memory.estimate_memory("gpt2-large", dpo.TrainConfig(optimizer="adamw"))["optimizer"] == 8 * P
+    assert memory.estimate_memory("gpt2-large", dpo.TrainConfig(precompute_ref=True))["reference"] == 0
+    half = memory.estimate_memory("gpt2-large", dpo.TrainConfig(weights_dtype="bfloat16"))
     assert half["weights"] == half["optimizer"] == 2 * P and half["optimizer_dtype"] == "bfloat16"
     assert half["autocast"] == 0  # bf16 weights need no bf16 copies
-    ck = dpo.estimate_memory("gpt2-large", dpo.TrainConfig(grad_checkpoint=True))
+    ck = memory.estimate_memory("gpt2-large", dpo.TrainConfig(grad_checkpoint=True))
     assert ck["activations"] < e["activations"] / 5 and ck["head"] == e["head"]
-    lora = dpo.estimate_memory("gpt2-large", dpo.TrainConfig(lora_rank=8, weights_dtype="bfloat16"))
+    lora = memory.estimate_memory("gpt2-large", dpo.TrainConfig(lora_rank=8, weights_dtype="bfloat16"))
     assert lora["reference"] == 0 and lora["optimizer_dtype"] == "float32"
     assert lora["trainable"] == 36 * 8 * (8 * 1280 + 2 * 5120) and lora["optimizer"] == 4 * lora["trainable"]
     assert e["fits"] == {24: False, 40: True, 80: True}
-    j = dpo.estimate_memory("EleutherAI/gpt-j-6b", dpo.TrainConfig(lora_rank=16, weights_dtype="bfloat16",
+    j = memory.estimate_memory("EleutherAI/gpt-j-6b", dpo.TrainConfig(lora_rank=16, weights_dtype="bfloat16",
                                                                    grad_checkpoint=True))
-    assert j["fits"][24] and dpo.estimate_memory("gpt-j-6b", base)["fits"] == {24: False, 40: False, 80: False}
-    fs = dpo.estimate_memory("gpt-j-6b", dpo.TrainConfig(fsdp=True), world_size=8)
-    assert fs["weights"] == dpo.estimate_memory("gpt-j-6b", base)["weights"] / 8
+    assert j["fits"][24] and memory.estimate_memory("gpt-j-6b", base)["fits"] == {24: False, 40: False, 80: False}
+    fs = memory.estimate_memory("gpt-j-6b", dpo.TrainConfig(fsdp=True), world_size=8)
+    assert fs["weights"] == memory.estimate_memory("gpt-j-6b", base)["weights"] / 8
 
 
 def test_estimate_memory_cli_needs_no_download(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("model.download", lambda *a, **k: pytest.fail("--estimate-memory must not download"))
+    monkeypatch.setattr("machinery.hub.download", lambda *a, **k: pytest.fail("--estimate-memory must not download"))
     assert dpo.main(["--estimate-memory", "--model", "gpt2-large,EleutherAI/pythia-2.8b,EleutherAI/gpt-j-6b"]) == 0
     out = capsys.readouterr().out
     assert "| EleutherAI/gpt-j-6b | 6.05B | LoRA r16 on bfloat16, --grad-checkpoint |" in out
-    assert out.count("| gpt2-large |") == len(dpo.MEMORY_SETTINGS)
+    assert out.count("| gpt2-large |") == len(memory.MEMORY_SETTINGS)
     folder = tmp_path / "tiny"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config_to_hf(GPTConfig(n_layer=2, n_head=2, n_embd=32))))
@@ -170,7 +173,7 @@ def test_lora_training_learns_saves_merged_and_resumes_exactly(tmp_path):
     with torch.no_grad(), lora_disabled(policy):
         torch.testing.assert_close(policy(idx), base(idx), atol=0, rtol=0)  # the frozen base is untouched
     ckpt = tmp_path / "full" / "run" / "checkpoint"
-    merged = GPT.from_pretrained(str(ckpt))  # the checkpoint is an ordinary model: the merged weights
+    merged = from_pretrained(str(ckpt))  # the checkpoint is an ordinary model: the merged weights
     with torch.no_grad():
         torch.testing.assert_close(merged(idx), policy(idx), atol=1e-5, rtol=0)
     assert (ckpt / "adapters.safetensors").exists()
@@ -184,7 +187,7 @@ def test_trainable_head_changes_only_the_output_head(tmp_path):
     """--trainable head (the IMDb CPU preset): DPO learns, and every weight but lm_head stays bit-identical."""
     torch.manual_seed(0)
     base = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, tie_word_embeddings=False))
-    base.save_pretrained(str(tmp_path / "m"))
+    save_pretrained(base, str(tmp_path / "m"))
     pairs = synthetic_pairs(120, seed=2)
     kw = dict(model=str(tmp_path / "m"), trainable="head", lr=2e-2, batch_size=16, micro_batch_size=8, steps=10,
               eval_every=10)
@@ -198,8 +201,8 @@ def test_trainable_head_changes_only_the_output_head(tmp_path):
 
 def test_bfloat16_weights_load_without_a_float32_copy_and_set_the_optimizer_dtype(tmp_path):
     torch.manual_seed(0)
-    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32)).save_pretrained(str(tmp_path / "m"))
-    m = dpo.load_model(str(tmp_path / "m"), "cpu", dtype=torch.bfloat16)
+    save_pretrained(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32)), str(tmp_path / "m"))
+    m = load_model(str(tmp_path / "m"), "cpu", dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     pairs = synthetic_pairs(40)
     dpo.train(tiny_cfg(tmp_path, model=str(tmp_path / "m"), weights_dtype="bfloat16", steps=1), pairs[:32],

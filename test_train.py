@@ -14,6 +14,7 @@ import torch
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tiktoken"))
 
 import dpo
+from machinery import fast
 from data import collate_pairs, tokenize_pair
 from model import GPT, GPTConfig
 
@@ -216,8 +217,8 @@ def test_micro_batches_sort_by_length_and_keep_groups():
     for it in plain:
         it.pop("group")
     mbs = dpo.micro_batches(plain, list(range(6)), 2)
-    lengths = [max(dpo.pair_length(plain[i]) for i in mb) for mb in mbs]
-    assert lengths == sorted(lengths, reverse=True) and [dpo.pair_length(plain[i]) for i in mbs[0]] == [10, 6]
+    lengths = [max(fast.pair_length(plain[i]) for i in mb) for mb in mbs]
+    assert lengths == sorted(lengths, reverse=True) and [fast.pair_length(plain[i]) for i in mbs[0]] == [10, 6]
     assert dpo.micro_batches(plain, [3, 1], 8) == [[3, 1]]  # one micro-batch: the step's order as it is
 
 
@@ -232,7 +233,7 @@ def test_shared_prompt_forward_equals_concatenated_forward(arch):
     items = [tokenize_pair(p["prompt"], p["chosen"], p["rejected"]) for p in synthetic_pairs(6, seed=3)]
     items.append(dict(items[0], rejected_ids=items[1]["chosen_ids"]))  # the prompt of pair 0 again
     items.append(dict(items[2], chosen_ids=items[2]["rejected_ids"][:1]))  # a one-token response
-    shared = dpo.collate_shared(items)
+    shared = fast.collate_shared(items)
     assert len(shared["prompt_ids"]) == 6 and shared["prompt_lens"].tolist() != [shared["prompt_ids"].size(1)] * 6
     a = dpo.batch_logps(m, collate_pairs(items, distinct=True))
     b = dpo.batch_logps(m, shared)

@@ -1,0 +1,16 @@
+"""The machinery: everything a reader does not need to follow the paper, each file reached from the scripts by
+one named call and opening with what it is (for an optimisation: the plain code it equals and the test that
+proves it). The reader's path is the top level: model.py -> dpo.py -> data.py -> sft.py, eval.py.
+
+    util.py         InputError (one-line errors), the progress line, the command-line builder, device choice
+    hub.py          Hugging Face hub downloads by hand (resumable, atomic)
+    safetensors.py  the .safetensors format by hand
+    hf.py           Hugging Face checkpoints: config.json dialects, key tables, from_pretrained/save_pretrained
+    tokenizers.py   a model's tokenizer.json converted to tiktoken; RoBERTa's ids
+    roberta.py      the RoBERTa sentiment classifier (the paper's IMDb reward), an encoder built from model.py's blocks
+    lora.py         LoRA adapters and the head-only mode: what trains when not everything does
+    fast.py         the fast log-prob paths (chunked head, shared prompts, micro-batches by length, compile)
+    runtime.py      run plumbing: processes (DDP/FSDP), the run folder, resume, checkpoints, numeric guards, metrics
+    memory.py       memory planning (--estimate-memory)
+    imdb.py         the IMDb experiment (--task imdb) in stages
+"""

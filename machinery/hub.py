@@ -1,0 +1,117 @@
+"""Downloads from the Hugging Face hub, by hand (urllib): a resumable, atomic download with a progress line,
+and a hub model name resolved to a local folder of checkpoint files.
+
+    python -c "from machinery.hub import resolve_checkpoint; print(resolve_checkpoint('gpt2'))"
+"""
+import json
+import os
+import urllib.error
+import urllib.request
+
+from machinery.util import InputError, Progress
+
+
+def cache_dir():
+    """Where downloads go: $DPO_CACHE, else ~/.cache/dpo."""
+    return os.environ.get("DPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dpo")
+
+
+def download(url, dest, what=None):
+    """Fetch `url` to `dest` with a progress line. Resumable and atomic: bytes go to `dest + '.part'`
+    (continued with an HTTP Range request after an interruption) and are renamed to `dest` only when
+    complete, so `dest` is never half-written. Returns `dest`. Raises FileNotFoundError on HTTP 404 (and 401,
+    which the Hugging Face hub answers for a repository that does not exist, or is private or gated) and
+    InputError, naming the URL and where to put the file by hand, when the network is unreachable."""
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "dpo/0.1"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=30)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 404):  # one line, like InputError, for callers that pass it on
+            raise FileNotFoundError(f"cannot download {url}: HTTP {e.code} {e.reason}; "
+                                    f"check the address, or download it by hand to {dest}") from None
+        if e.code == 416 and have:  # the .part file is already complete
+            os.replace(part, dest)
+            return dest
+        raise InputError(f"cannot download {url}: HTTP {e.code} {e.reason}; "
+                         f"download it by hand to {dest}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise InputError(f"cannot download {url} ({reason}); you seem to be offline: "
+                         f"download it by hand to {dest}") from None
+    with resp:
+        if have and resp.status != 206:  # server ignored the Range request: start over
+            have = 0
+        total = resp.headers.get("Content-Length")
+        total = int(total) + have if total is not None else None
+        bar = Progress(total, label=f"download {what or os.path.basename(dest)}", unit="B")
+        bar.n = have
+        with open(part, "ab" if have else "wb") as f:
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+        bar.close()
+    if total is not None and os.path.getsize(part) != total:
+        raise InputError(f"download of {url} stopped at {os.path.getsize(part)} of {total} bytes; "
+                         f"run again to resume")
+    os.replace(part, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token log-probabilities: the one place logits become log pi(y_t | x, y_<t). Used by dpo.py
+
+HUB_URL = "https://huggingface.co/{name}/resolve/main/{file}"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def hub_folder(name):
+    """Where a hub model's files are downloaded: $DPO_CACHE/hub/<owner>--<name>."""
+    return os.path.join(cache_dir(), "hub", name.replace("/", "--"))
+
+
+def resolve_checkpoint(name_or_dir):
+    """A local folder as is; otherwise a hub name, downloaded into $DPO_CACHE/hub/<name> once."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if os.path.sep in name_or_dir.strip("/") and name_or_dir.count("/") != 1 or name_or_dir.startswith((".", "/", "~")):
+        raise InputError(f"{name_or_dir}: no such folder; pass a folder with config.json and model.safetensors, "
+                         f"or a hub name such as gpt2 or openai-community/gpt2-large")
+    folder = hub_folder(name_or_dir)
+    try:
+        try:
+            download(HUB_URL.format(name=name_or_dir, file="config.json"), os.path.join(folder, "config.json"), name_or_dir)
+        except FileNotFoundError:
+            raise InputError(f"{name_or_dir}: no such model on the Hugging Face hub (config.json not found; or "
+                             f"the model is private or gated); "
+                             f"check the name, e.g. gpt2, gpt2-large, openai-community/gpt2-xl") from None
+        for weights in WEIGHT_FILES:
+            try:
+                path = download(HUB_URL.format(name=name_or_dir, file=weights), os.path.join(folder, weights), name_or_dir)
+            except FileNotFoundError:
+                continue
+            if weights.endswith(".index.json"):
+                for shard in sorted(set(read_json(path)["weight_map"].values())):
+                    download(HUB_URL.format(name=name_or_dir, file=shard), os.path.join(folder, shard), name_or_dir)
+            return folder
+    except InputError as e:
+        if "offline" not in str(e):
+            raise
+        raise InputError(f"cannot download {name_or_dir} (offline?): put config.json and model.safetensors "
+                         f"from https://huggingface.co/{name_or_dir} into {folder}, or pass a local folder") from None
+    raise InputError(f"{name_or_dir}: the hub has none of {', '.join(WEIGHT_FILES)}")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read JSON ({e}); download it again") from None
+

@@ -1,0 +1,316 @@
+"""The IMDb sentiment experiment (Section 6.1 and Appendix C.1 of the paper, Fig. 2 left), end to end:
+
+    python dpo.py --task imdb [--preset cpu|gpu] [--out runs/imdb]
+
+Stages, each cached on disk so that a re-run skips what is finished:
+  1. SFT: the base model fine-tuned on IMDb train reviews (or, on CPU, a small GPT trained from scratch)
+  2. the ground-truth reward r*(x, y) = P(positive | x + y): a classifier trained on IMDb train labels
+  3. preference pairs: prefixes of 2-8 tokens of train reviews, 4 samples each from pi_SFT, scored by r*,
+     all 6 pairs per prefix (higher reward = chosen)
+  4. policies: DPO for a beta sweep, Preferred-FT (SFT on the chosen completions), Unlikelihood (alpha sweep)
+  5. evaluation on prefixes of IMDb test reviews: mean r* and KL(pi || pi_SFT) of the policy's own samples,
+     a table and the reward/KL frontier plot
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+
+import torch
+
+import eval as ev
+import sft
+from data import EOS, decode, load_tokenizer, read_imdb
+from machinery.fast import reference_logps
+from machinery.hf import from_pretrained, save_pretrained
+from machinery.lora import train_only_head
+from machinery.util import InputError, field, pick_device
+from model import GPT
+
+IMDB_PRESETS = {
+    # The paper's setup (one GPU): gpt2-large fine-tuned for one epoch of IMDb train, 25,000 prefixes
+    # (150,000 pairs), DPO with RMSprop lr 1e-6, warm-up 150, 64 pairs a step, evaluated every 100 steps.
+    "gpu": dict(model="gpt2-large", sft_tokens=0, sft_lr=1e-5, sft_batch_size=16, n_prefixes=25_000,
+                max_new_tokens=48, betas="0.05,0.1,1,5", alphas="0.01,0.1", optimizer="rmsprop", lr=1e-6,
+                warmup_steps=150, batch_size=64, micro_batch_size=8, baseline_lr=1e-6, eval_every=100,
+                eval_prompts=512, sample_batch_size=128, adam_eps=1e-8, trainable="all"),
+    # Two CPU cores, offline, in about 12 minutes: a small GPT trained from scratch, 2,400 prefixes (14,400 pairs),
+    # AdamW at a larger rate (a from-scratch model needs far larger steps than 1e-6), each run evaluated at 4
+    # points. Every method trains the output head only (--trainable head; the paper trains everything): the
+    # 4-block model's hidden states stay the SFT model's, and a policy can only shift each token's logit
+    # (linearly in the hidden state, a constant shift included). The KL-optimal policy pi_ref * exp(r / beta) is
+    # close to that form when the reward is nearly a sum over tokens, as this bag-of-tokens reward is; the tiny
+    # model's blocks, when they train too, spend KL on changes that buy no reward. Measured with beta 0.1 (DPO,
+    # one epoch, 256 test prefixes, 1,200 prefixes unless said): all weights, lr 4e-4, AdamW epsilon 1e-3: 0.672
+    # at KL 1.22, 0.737 at 2.65; head only, lr 4e-4: 0.696 at 0.85, 0.734 at 1.28; head only, lr 6e-4: 0.789
+    # at 2.78 with seed 0 but 0.737 at 2.68 with seed 1; 2,400 prefixes, head only, lr 4e-4, seed 1: 0.759 at
+    # 1.99, 0.846 at 3.95 (beta 0.05: 0.792 at 2.23): more pairs, a better frontier.
+    "cpu": dict(model="scratch", sft_tokens=500_000, sft_lr=5e-3, sft_batch_size=16, n_prefixes=2400,
+                max_new_tokens=24, betas="0.05,0.1,0.5,1", alphas="0.01,0.1", optimizer="adamw", lr=4e-4,
+                warmup_steps=10, batch_size=48, micro_batch_size=48, baseline_lr=2e-4, eval_every=0,
+                eval_prompts=256, sample_batch_size=256, adam_eps=1e-8, trainable="head"),
+}
+
+
+@dataclasses.dataclass
+class ImdbConfig:
+    out: str = field("runs/imdb", "output folder: one sub-folder per stage, results.csv/json, frontier.png")
+    preset: str = field("auto", "gpu (the paper's setup), cpu (about 12 min on 2 cores) or auto (gpu if one is present)")
+    model: str = field(None, "base model: scratch, scratch:L,H,C, a hub name or folder (preset's if unset)")
+    sft_tokens: int = field(None, "SFT training tokens; 0 = one epoch of IMDb train")
+    sft_lr: float = field(None, "SFT peak learning rate")
+    sft_batch_size: int = field(None, "SFT windows (of 128 tokens) per step")
+    n_prefixes: int = field(None, "train-review prefixes to sample completions for (paper: 25,000)")
+    n_samples: int = field(4, "samples per prefix; every pair of them is a preference pair (4 -> 6 pairs)")
+    max_new_tokens: int = field(None, "tokens per sampled completion")
+    betas: str = field(None, "DPO beta sweep, comma-separated (paper: 0.05,0.1,1,5)")
+    alphas: str = field(None, "Unlikelihood alpha sweep, comma-separated")
+    optimizer: str = field(None, "rmsprop (paper) or adamw, for DPO and the baselines")
+    lr: float = field(None, "DPO learning rate")
+    adam_eps: float = field(None, "AdamW epsilon for DPO (see dpo.py --help); the baselines keep AdamW's 1e-8")
+    baseline_lr: float = field(None, "Preferred-FT and Unlikelihood learning rate")
+    trainable: str = field(None, "which weights every method trains: all (the paper) or head (the output head only; "
+                           "the CPU preset, see IMDB_PRESETS)")
+    warmup_steps: int = field(None, "linear warm-up steps")
+    batch_size: int = field(None, "pairs per step (paper: 64)")
+    micro_batch_size: int = field(None, "pairs per forward/backward")
+    eval_every: int = field(None, "evaluate a DPO checkpoint every N steps (0: after a quarter, half, three quarters and "
+                            "all of the run)")
+    eval_prompts: int = field(None, "prefixes of IMDb test reviews to evaluate on (one sample each)")
+    sample_batch_size: int = field(None, "sequences per generate call")
+    classifier_epochs: int = field(10, "epochs of the bag-of-tokens reward classifier")
+    reward: str = field("bow", "ground-truth reward: bow (the project's bag-of-tokens classifier, trained here) or "
+                        "siebert (the paper's siebert/sentiment-roberta-large-english; falls back to bow with a printed "
+                        "note when its weights cannot be loaded), or a local folder")
+    max_reviews: int = field(0, "use only this many reviews per split (0 = all 25,000; for quick tests)")
+    imdb: str = field(None, "IMDb archive or extracted folder (default: $DPO_IMDB, else download)")
+    device: str = field("auto", "cuda, mps or cpu (auto: the first available)")
+    seed: int = field(0, "seeds every stage")
+
+    def resolved(self):
+        """The preset's values for every field left unset (auto: gpu when CUDA is present, said so)."""
+        preset = self.preset
+        if preset == "auto":
+            preset = "gpu" if torch.cuda.is_available() else "cpu"
+            print(f"--preset auto: {'a GPU is' if preset == 'gpu' else 'no GPU'} present, using the {preset} preset")
+        if preset not in IMDB_PRESETS:
+            raise InputError(f"--preset {self.preset}: use gpu, cpu or auto")
+        values = {k: (IMDB_PRESETS[preset].get(k) if v is None else v) for k, v in dataclasses.asdict(self).items()}
+        return dataclasses.replace(self, **{**values, "preset": preset})
+
+
+def make_pairs(prompt_ids, completions, rewards, group):
+    """All pairs of one prefix's samples, the higher reward chosen: 4 samples give 6 pairs. A tie
+    carries no preference and makes no pair. Pairs keep token ids (decoding and re-encoding sampled
+    tokens need not give the same ids) and the text, so the file also serves `--task jsonl`."""
+    pairs = []
+    for i in range(len(completions)):
+        for j in range(i + 1, len(completions)):
+            if rewards[i] == rewards[j]:
+                continue
+            w, l = (i, j) if rewards[i] > rewards[j] else (j, i)
+            pairs.append({"prompt": decode([t for t in prompt_ids if t != EOS]), "chosen": decode(completions[w]),
+                          "rejected": decode(completions[l]), "prompt_ids": list(prompt_ids),
+                          "chosen_ids": completions[w], "rejected_ids": completions[l], "group": group,
+                          "chosen_reward": rewards[w], "rejected_reward": rewards[l]})
+    return pairs
+
+
+def _cached_json(path, compute, what):
+    """Runs compute() and stores its JSON result at path, or reads it back if a previous run did."""
+    if os.path.exists(path):
+        print(f"{what}: cached in {path}")
+        with open(path) as f:
+            return json.load(f)
+    result = compute()
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def run(cfg, train, TrainConfig, log=print):
+    """The whole IMDb experiment; returns the result rows (method, beta/alpha, step, reward, KL, ...).
+    train and TrainConfig are dpo.py's, passed in by dpo.main: the pipeline drives the trainer without
+    importing dpo.py back."""
+    cfg = cfg.resolved()
+    device = pick_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    times, t_start = {}, time.time()
+    log("imdb config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+
+    def stage(name):
+        times[name] = time.time() - t_start - sum(times.values())
+
+    train_reviews, test_reviews = read_imdb("train", cfg.imdb), read_imdb("test", cfg.imdb)
+    if cfg.max_reviews:
+        pick = lambda rs: [rs[i] for i in torch.randperm(len(rs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_reviews].tolist()]
+        train_reviews, test_reviews = pick(train_reviews), pick(test_reviews)
+    stage("read IMDb")
+
+    # 1. SFT
+    sft_dir = os.path.join(cfg.out, "sft")
+    if os.path.exists(os.path.join(sft_dir, "model.safetensors")):
+        log(f"SFT: cached in {sft_dir}")
+    else:
+        tokens = sft.review_tokens(train_reviews)
+        if cfg.model.startswith("scratch"):
+            shape = cfg.model.partition(":")[2]
+            config = sft.scratch_config()
+            if shape:
+                n_layer, n_head, n_embd = (int(v) for v in shape.split(","))
+                config = dataclasses.replace(config, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+            torch.manual_seed(cfg.seed)
+            model = GPT(config).to(device)
+            sft.init_unigram_bias(model, tokens)
+        else:
+            model = from_pretrained(cfg.model, device=device)
+            if load_tokenizer(cfg.model).to_id is not None:  # prompts, pairs and the reward all use GPT-2 ids
+                raise InputError(f"--model {cfg.model}: its tokenizer is not GPT-2's; the IMDb experiment tokenises "
+                                 f"with GPT-2's BPE throughout: use a GPT-2-tokenised model (gpt2*, GPT-J)")
+        seq_len = min(128, model.config.block_size)
+        n_tokens = cfg.sft_tokens or len(tokens)  # 0: one epoch
+        steps = max(1, n_tokens // (cfg.sft_batch_size * seq_len))
+        log(f"SFT: {model.num_params() / 1e6:.1f}M parameters, {steps} steps of {cfg.sft_batch_size}x{seq_len} tokens")
+        sft.train_lm(model, tokens, steps, cfg.sft_batch_size, seq_len, cfg.sft_lr,
+                     generator=torch.Generator().manual_seed(cfg.seed), log=log)
+        save_pretrained(model, sft_dir)
+    sft_model = from_pretrained(sft_dir, device=device).requires_grad_(False)
+    stage("SFT")
+
+    # 2. the ground-truth reward
+    classifier = None  # --reward siebert or a folder: a RoBERTa sentiment classifier (the paper's choice)
+    if cfg.reward != "bow":
+        try:
+            classifier = ev.RobertaReward.load(ev.SIEBERT if cfg.reward == "siebert" else cfg.reward, device=device)
+            log(f"reward classifier: {cfg.reward} (RoBERTa)")
+        except (InputError, OSError) as e:
+            log(f"reward classifier: cannot load {cfg.reward} ({e}); using the bag-of-tokens classifier instead")
+    clf_path = os.path.join(cfg.out, "classifier.pt")
+    if classifier is None and os.path.exists(clf_path):
+        classifier = ev.BowClassifier.load(clf_path)
+        log(f"reward classifier: cached in {clf_path}")
+    elif classifier is None:
+        classifier = ev.train_classifier(train_reviews, epochs=cfg.classifier_epochs,
+                                         generator=torch.Generator().manual_seed(cfg.seed), log=log)
+        classifier.save(clf_path)
+    bow = isinstance(classifier, ev.BowClassifier)  # a RoBERTa reward is checked on ~2,000 test reviews, not 25,000
+    acc_reviews = test_reviews if bow else test_reviews[::max(1, len(test_reviews) // 2000)]
+    clf_acc = _cached_json(os.path.join(cfg.out, "classifier_accuracy.json" if bow else "reward_accuracy.json"),
+                           lambda: {"test_accuracy": ev.accuracy(classifier, acc_reviews), "n": len(acc_reviews)},
+                           "classifier accuracy")
+    log(f"reward classifier: {100 * clf_acc['test_accuracy']:.1f}% on {clf_acc['n']} test reviews")
+    stage("reward model")
+
+    # 3. preference pairs
+    pairs_path = os.path.join(cfg.out, "pairs.jsonl")
+    if os.path.exists(pairs_path):
+        with open(pairs_path) as f:
+            pairs = [json.loads(line) for line in f]
+        log(f"pairs: cached in {pairs_path}")
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)
+        prompts = ev.imdb_prompts(train_reviews, cfg.n_prefixes, generator=g)
+        completions = ev.sample_completions(sft_model, prompts, cfg.n_samples, cfg.max_new_tokens,
+                                            cfg.sample_batch_size, torch.Generator(device).manual_seed(cfg.seed))
+        rows = [p for p in prompts for _ in range(cfg.n_samples)]
+        rewards = classifier.score([p + c for p, c in zip(rows, completions)]).tolist()
+        pairs = []
+        for i, p in enumerate(prompts):
+            s = slice(i * cfg.n_samples, (i + 1) * cfg.n_samples)
+            pairs += make_pairs(p, completions[s], rewards[s], group=i)
+        with open(pairs_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(pr) + "\n" for pr in pairs)
+        os.replace(pairs_path + ".tmp", pairs_path)
+    n_groups = len({p["group"] for p in pairs})
+    held_out = {g for g in range(n_groups) if g % 20 == 19}  # 5% of the prefixes: held-out pairs
+    train_pairs = [p for p in pairs if p["group"] not in held_out]
+    eval_pairs = [p for p in pairs if p["group"] in held_out]
+    log(f"pairs: {len(pairs)} from {n_groups} prefixes ({len(train_pairs)} train, {len(eval_pairs)} held out)")
+    stage("pairs")
+
+    # reference log-probs: one pass, reused by every run of the beta sweep
+    ref_path = os.path.join(cfg.out, "reference_logps.pt")
+    if os.path.exists(ref_path):
+        ref_lp = torch.load(ref_path)
+    else:
+        ref_lp = {"train": reference_logps(sft_model, train_pairs, cfg.micro_batch_size, device),  # pairs carry ids
+                  "eval": reference_logps(sft_model, eval_pairs, cfg.micro_batch_size, device)}
+        torch.save(ref_lp, ref_path + ".tmp")
+        os.replace(ref_path + ".tmp", ref_path)
+    stage("reference log-probs")
+
+    # 4. policies. DPO: the project's trainer, checkpoints kept along training.
+    runs = []  # (method, label key, value, checkpoint folders)
+    steps_per_run = len(train_pairs) // cfg.batch_size
+    every = cfg.eval_every or max(1, math.ceil(steps_per_run / 4))  # 0: a quarter, half, three quarters, the end
+    for beta in [float(b) for b in cfg.betas.split(",")]:
+        out = os.path.join(cfg.out, f"dpo-beta{beta:g}")
+        if not os.path.exists(os.path.join(out, "done")):
+            tcfg = TrainConfig(task="imdb", model=sft_dir, out=out, beta=beta, optimizer=cfg.optimizer, lr=cfg.lr,
+                               warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
+                               micro_batch_size=cfg.micro_batch_size, epochs=1, eval_every=every, save_every=every,
+                               keep_checkpoints=True, overwrite=True, device=device, seed=cfg.seed,
+                               max_length=1024, max_prompt_length=16, adam_eps=cfg.adam_eps,
+                               trainable=cfg.trainable)
+            log(f"DPO beta {beta:g}: {steps_per_run} steps")
+            train(tcfg, train_pairs, eval_pairs, ref_lp=ref_lp, log=lambda s: None)
+            open(os.path.join(out, "done"), "w").close()
+        steps = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step-"))
+        runs += [("DPO", "beta", beta, os.path.join(out, f"step-{s}"), s) for s in steps]
+    # Baselines, trained with the same optimiser family, data and number of passes as DPO
+    prompts_ = [p["prompt_ids"] for p in train_pairs]
+    chosen_, rejected_ = [p["chosen_ids"] for p in train_pairs], [p["rejected_ids"] for p in train_pairs]
+    baselines = [("Preferred-FT", None, None, "nll")] + [("Unlikelihood", "alpha", float(a), "unlikelihood")
+                                                         for a in cfg.alphas.split(",")]
+    for method, key, value, objective in baselines:
+        out = os.path.join(cfg.out, method.lower() + (f"-alpha{value:g}" if value is not None else ""))
+        if not os.path.exists(os.path.join(out, "model.safetensors")):
+            log(f"{method}{f' alpha {value:g}' if value is not None else ''}: {steps_per_run} steps")
+            model = from_pretrained(sft_dir, device=device)
+            if cfg.trainable == "head":  # the same weights train as in the DPO runs
+                train_only_head(model)
+            sft.train_sequences(model, prompts_, chosen_, steps=steps_per_run, batch_size=cfg.batch_size,
+                                lr=cfg.baseline_lr, objective=objective, rejected=rejected_, alpha=value or 0.0,
+                                generator=torch.Generator().manual_seed(cfg.seed), log=lambda s: None,
+                                groups=[p["group"] for p in train_pairs])
+            save_pretrained(model, out)
+        runs.append((method, key, value, out, steps_per_run))
+    stage("training")
+
+    # 5. evaluation: the policy's own samples on prefixes of test reviews
+    eval_prompts = ev.imdb_prompts(test_reviews, cfg.eval_prompts, generator=torch.Generator().manual_seed(cfg.seed + 1))
+
+    def evaluate(policy):
+        r = ev.evaluate(policy, sft_model, classifier, eval_prompts, 1, cfg.max_new_tokens,
+                        torch.Generator(device).manual_seed(cfg.seed + 2), cfg.sample_batch_size)
+        return r
+
+    rows = [{"method": "SFT", **_cached_json(os.path.join(sft_dir, "eval.json"), lambda: evaluate(sft_model), "SFT eval"),
+             "step": 0}]
+    for method, key, value, folder, step in runs:
+        res = _cached_json(os.path.join(folder, "eval.json"),
+                           lambda: evaluate(from_pretrained(folder, device=device)), f"{method} eval")
+        rows.append({"method": method, **({key: value} if key else {}), "step": step, **res})
+    stage("evaluation")
+
+    ev.write_table(rows, os.path.join(cfg.out, "results.csv"), os.path.join(cfg.out, "results.json"))
+    ev.plot_frontier(rows, os.path.join(cfg.out, "frontier.png"))
+    total = time.time() - t_start
+    log("")
+    log(f"{'method':<14}{'beta/alpha':>11}{'step':>6}{'reward':>15}{'KL (nats)':>16}")
+    for r in rows:
+        label = r.get("beta", r.get("alpha", ""))
+        log(f"{r['method']:<14}{label!s:>11}{r['step']:>6}{r['reward']:>9.3f} ± {r['reward_se']:.3f}"
+            f"{r['kl']:>9.2f} ± {r['kl_se']:.2f}")
+    log(f"reward classifier test accuracy {100 * clf_acc['test_accuracy']:.1f}% | " +
+        " | ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f" | total {total:.0f} s")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sample = next(r for r in rows[::-1] if r["method"] == method)["samples"][0]
+        log(f"sample, {method}: {sample['prompt']!r} -> {sample['completion']!r} (reward {sample['reward']:.2f})")
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump({"times_s": times, "total_s": total, "classifier_accuracy": clf_acc["test_accuracy"],
+                   "config": dataclasses.asdict(cfg)}, f, indent=1)
+    log(f"wrote {cfg.out}/results.csv, results.json, frontier.png, summary.json")
+    return rows
