@@ -68,38 +68,23 @@ Conventions (where public implementations differ)
       "reference-free" option). Unlike their code, our rewards then are beta * log pi too, so that
       rewards/margins and accuracies describe the loss actually optimised.
 """
-import argparse
-import contextlib
-import copy
 import dataclasses
 import gc
-import io
-import json
-import math
 import os
-import shutil
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
-from data import EOS, epoch_order, hub_file, load_tokenizer, read_hh, read_jsonl_pairs, tokenize_pair
+from data import read_hh, read_jsonl_pairs, tokenize_pair
 from machinery import imdb, memory
-from machinery.fast import (batch_logps, batch_tokens, compile_blocks, keep_freed_memory, make_batch, micro_batches,
-                            reference_logps, shares_prompt, worth_sharing, SHARE_MIN_SAVING)
-from machinery.hf import load_model, save_pretrained
-from machinery.hub import resolve_checkpoint
-from machinery.lora import (add_lora, load_lora_state_dict, lora_disabled, lora_merged, lora_state_dict,
-                            train_only_head)
-from machinery.safetensors import load_safetensors, save_safetensors
-from machinery.util import InputError, autocast, field, pick_device
+from machinery.fast import batch_logps, keep_freed_memory, make_batch, micro_batches, shares_prompt
+from machinery.runtime import Run, StepStats, TrainingError, all_reduce_sum, check_flags, model_tokenizer, shard
+from machinery.util import InputError, autocast, field
 from machinery.util import parse_args as util_parse_args
-from model import GPT, token_logps
-
-LOSS_TYPES = ("dpo", "cdpo", "robust", "ipo", "hinge", "lndpo", "simpo")
+from model import token_logps
 
 
 def sequence_logps(logits, labels, loss_mask, average=False):
@@ -146,6 +131,47 @@ def sequence_logps_grad(logits, labels, loss_mask, dlogps, average=False):
     onehot = F.one_hot(targets, logits.size(-1)).to(dtype)     # (N, T-1, V)
     grad = (onehot - probs) * (mask * scale[:, None])[..., None]  # (N, T-1, V) (7)
     return F.pad(grad, (0, 0, 0, 1))                           # (N, T, V)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta=0.1):
+    """The DPO loss of each pair, Eq. 7 of arXiv:2305.18290: steps (3)-(5) above. What `python dpo.py` trains by
+    default; preference_loss below adds the variants.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) log pi(y_w|x), log pi(y_l|x) from sequence_logps.
+        reference_chosen_logps, reference_rejected_logps: (B,) the same under pi_ref (no grad).
+        beta: > 0, the strength of the KL constraint in (1) (paper: 0.1).
+    Returns:
+        losses (B,), chosen_rewards (B,), rejected_rewards (B,): the implicit rewards rhat of (3), detached.
+    """
+    pi_logratios = policy_chosen_logps - policy_rejected_logps                          # (B,)
+    ref_logratios = reference_chosen_logps - reference_rejected_logps                   # (B,)
+    h = pi_logratios - ref_logratios                                                    # (B,) (4)
+    losses = -F.logsigmoid(beta * h)                                                    # (B,) (5) Eq. 7
+    chosen_rewards = (beta * (policy_chosen_logps - reference_chosen_logps)).detach()   # (B,) (3) rhat_w
+    rejected_rewards = (beta * (policy_rejected_logps - reference_rejected_logps)).detach()  # (B,) (3) rhat_l
+    return losses, chosen_rewards, rejected_rewards
+
+
+def dpo_loss_grad(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  beta=0.1):
+    """Closed-form gradient of dpo_loss(...)[0].mean() with respect to the policy log-probs, step (6), no autograd:
+
+        dL/dlog pi(y_w|x)_i = -(beta/B) * sigmoid(-beta h_i) = -(beta/B) * sigmoid(rhat_l - rhat_w) = -dL/dlog pi(y_l|x)_i
+
+    Returns:
+        (d_policy_chosen, d_policy_rejected), each (B,). Chain it with sequence_logps_grad to reach the logits.
+    """
+    h = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)  # (B,) (4)
+    weight = torch.sigmoid(-beta * h)                                                   # (B,) (6) sigmoid(rhat_l - rhat_w)
+    d_policy_chosen = -beta * weight / len(h)                                           # (B,) (6)
+    return d_policy_chosen, -d_policy_chosen
+
+
+# ---- The variants: the same margin h, other losses (cDPO, robust DPO, IPO, SLiC hinge, length-normalised DPO,
+# SimPO, RPO, reference-free), with their closed-form gradients. test_dpo.py checks each against autograd.
+
+LOSS_TYPES = ("dpo", "cdpo", "robust", "ipo", "hinge", "lndpo", "simpo")
 
 
 def _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -303,10 +329,9 @@ def implicit_reward_weight(chosen_rewards, rejected_rewards):
     return torch.sigmoid(rejected_rewards - chosen_rewards)                    # (B,) (6)
 
 
-# ---- training ----
-#
-# The trainer: `python dpo.py --task hh --data FILE --model gpt2 ...`. Everything with a side effect is in
-# train() and main(); the pieces below it (batch_logps, the reference pass) are what the tests check.
+# ---- Training: `python dpo.py --task hh --model gpt2`. train() below is one DPO step after another; every
+# concern of a real run (processes, resume, checkpoints, numeric guards, LoRA, fast paths) is one named call
+# into machinery/, whose files say what each does and which test proves it.
 
 
 @dataclasses.dataclass
@@ -329,14 +354,13 @@ class TrainConfig:
     average_logps: bool = field(False, "length-average sequence log-probs instead of summing (paper: sum)")
     optimizer: str = field("rmsprop", "rmsprop (paper) or adamw")
     lr: float = field(1e-6, "peak learning rate (paper: 1e-6)")
-    adam_eps: float = field(1e-8, "AdamW's epsilon. Adam moves every parameter about lr a step however small its "
-                            "gradient; a larger epsilon (e.g. 1e-3) damps the parameters with tiny gradients, such as "
-                            "the head rows of tokens the data never prefers, and makes every step smaller")
+    adam_eps: float = field(1e-8, "AdamW's epsilon: a larger one damps the steps of parameters with tiny gradients")
     warmup_steps: int = field(150, "linear warm-up steps (paper: 150)")
     batch_size: int = field(64, "pairs per optimiser step (paper: 64)")
     micro_batch_size: int = field(8, "pairs per forward/backward; gradients accumulate over batch/micro")
     max_length: int = field(512, "longest prompt+response in tokens")
-    max_prompt_length: int = field(256, "prompts longer than this keep their end (when the pair is too long)")
+    max_prompt_length: int = field(None, "prompts longer than this keep their end (when the pair is too long); "
+                                   "default: half of --max-length")
     max_grad_norm: float = field(10.0, "gradient-norm clipping (the authors' code: 10)")
     skip_nonfinite: bool = field(False, "skip (and count) a batch whose loss or gradient is NaN/inf instead of "
                                  "stopping the run; the weights are never updated from it")
@@ -350,22 +374,16 @@ class TrainConfig:
                                "shared, gradients through both) when that saves at least 20%% of the tokens "
                                "(worth_sharing); --no-share-prompt: always one row per prompt+response")
     weights_dtype: str = field("float32", "float32 or bfloat16: the dtype the policy and reference are loaded in "
-                               "(shard by shard, never a float32 copy). bfloat16 halves weight memory; gradients "
-                               "and optimiser state take the parameters' dtype, so full fine-tuning at lr 1e-6 "
-                               "loses most updates to bfloat16 rounding: pair it with --lora-rank")
+                               "(shard by shard, never a float32 copy); the optimiser state takes the same dtype, so "
+                               "full fine-tuning at lr 1e-6 loses most updates to bfloat16 rounding: pair it with --lora-rank")
     grad_checkpoint: bool = field(False, "activation checkpointing: keep only each block's input and recompute the "
                                   "block in backward (activations ~L times smaller, one extra forward of compute)")
-    compile: bool = field(False, "torch.compile every transformer block (regional: the blocks share one compiled graph, "
-                          "so it compiles in about one block's time); fuses the small element-wise kernels on a GPU. "
-                          "The first steps (and each new sequence length, until shapes are marked dynamic) are slow "
-                          "while it compiles; results equal eager up to float rounding (also with --grad-checkpoint and "
-                          "--lora-rank, checked; with LoRA the adapters-off reference passes add graphs, and past "
-                          "torch's recompile limit of 8 the rest runs eagerly, with a warning)")
+    compile: bool = field(False, "torch.compile every transformer block (one graph shared by all blocks; fuses the small "
+                          "element-wise kernels on a GPU); the first steps are slow while it compiles")
     trainable: str = field("all", "which weights training updates: all (the paper) or head (the output head only, "
                            "every block and embedding frozen: the policy can then only re-weight tokens, "
-                           "log pi(y_t | .) = log pi_ref(y_t | .) + a learned per-token shift of the logits; used by "
-                           "the IMDb CPU preset, see IMDB_PRESETS). A tied head (GPT-2) is the token embedding, "
-                           "which then trains too")
+                           "log pi(y_t | .) = log pi_ref(y_t | .) + a learned per-token shift of the logits; the IMDb CPU "
+                           "preset). A tied head (GPT-2) is the token embedding, which then trains too")
     lora_rank: int = field(0, "LoRA (Hu et al. 2021) adapters of this rank on every block's attention and MLP "
                            "projections; base weights frozen, the reference is the base with the adapters off "
                            "(no second model); 0 = full fine-tuning")
@@ -381,6 +399,30 @@ class TrainConfig:
     device: str = field("auto", "cuda, mps or cpu (auto: the first available)")
     dtype: str = field("auto", "bfloat16 autocast or float32 (auto: bfloat16 on cuda, float32 otherwise)")
     seed: int = field(0, "seeds the initialisation, the data order and the held-out split")
+
+    def __post_init__(self):
+        if self.max_prompt_length is None:  # derived, so that any --max-length alone is valid
+            self.max_prompt_length = self.max_length // 2
+
+
+
+def check_config(cfg):
+    """Every flag checked before anything is loaded or written: a wrong one costs seconds, not a run.
+    The loss's own checks first (worded with the flags), then the run's (runtime.check_flags)."""
+    if not cfg.beta > 0:  # also catches nan
+        raise InputError(f"--beta {cfg.beta}: beta must be > 0 (it scales the KL penalty; paper: 0.1)")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise InputError(f"--loss-type {cfg.loss_type}: use one of {', '.join(LOSS_TYPES)}")
+    one = torch.ones(1)
+    try:  # the loss's own checks (label_smoothing, gamma, rpo_alpha), worded with the flags
+        _margin(one, one, one, one, cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.reference_free, cfg.gamma,
+                one, one, cfg.rpo_alpha)
+    except ValueError as e:
+        msg = str(e)
+        for name in ("label_smoothing", "loss_type", "rpo_alpha", "gamma"):
+            msg = msg.replace(name, "--" + name.replace("_", "-"))
+        raise InputError(msg) from None
+    check_flags(cfg)  # the run's flags: sizes, optimiser, dtypes, LoRA, processes, device
 
 
 def load_pairs(cfg):
@@ -418,547 +460,114 @@ def tokenize_all(pairs, cfg, what, tokenizer=None):
     return items
 
 
-def loss_from_logps(cfg, policy_logps, ref_logps, batch):
-    """Per-pair losses and rewards from the (2B,) policy and (B, 2) reference log-probs of a batch."""
-    pc, pr = policy_logps.chunk(2)  # (B,), (B,)
-    lengths = batch["response_lens"].float()
-    lc, lr = lengths.chunk(2)
-    return preference_loss(pc, pr, ref_logps[:, 0], ref_logps[:, 1], beta=cfg.beta, loss_type=cfg.loss_type,
-                           label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free,
-                           gamma=cfg.gamma, chosen_lengths=lc, rejected_lengths=lr, rpo_alpha=cfg.rpo_alpha)
+def loss_from_logps(cfg, policy_logps, reference_logps, batch):
+    """Per-pair losses and rewards from the (2B,) policy and (B, 2) reference log-probs of a batch: the paper's
+    dpo_loss by default, preference_loss for the variants (the two agree on plain DPO, test_dpo.py)."""
+    policy_chosen_logps, policy_rejected_logps = policy_logps.chunk(2)  # (B,), (B,)
+    reference_chosen_logps, reference_rejected_logps = reference_logps.unbind(1)  # (B,), (B,)
+    if cfg.loss_type == "dpo" and not (cfg.reference_free or cfg.rpo_alpha):
+        return dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                        cfg.beta)
+    chosen_lengths, rejected_lengths = batch["response_lens"].float().chunk(2)  # (B,), (B,)
+    return preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                           beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                           reference_free=cfg.reference_free, gamma=cfg.gamma, chosen_lengths=chosen_lengths,
+                           rejected_lengths=rejected_lengths, rpo_alpha=cfg.rpo_alpha)
 
 
-def check_config(cfg):
-    """Every flag checked before anything is loaded or written: a wrong one costs seconds, not a run."""
-    if not cfg.beta > 0:  # also catches nan
-        raise InputError(f"--beta {cfg.beta}: beta must be > 0 (it scales the KL penalty; paper: 0.1)")
-    if cfg.loss_type not in LOSS_TYPES:
-        raise InputError(f"--loss-type {cfg.loss_type}: use one of {', '.join(LOSS_TYPES)}")
-    one = torch.ones(1)
-    try:  # the loss's own checks (label_smoothing, gamma, rpo_alpha), worded with the flags
-        _margin(one, one, one, one, cfg.beta, cfg.loss_type, cfg.label_smoothing, cfg.reference_free, cfg.gamma,
-                one, one, cfg.rpo_alpha)
-    except ValueError as e:
-        msg = str(e)
-        for name in ("label_smoothing", "loss_type", "rpo_alpha", "gamma"):
-            msg = msg.replace(name, "--" + name.replace("_", "-"))
-        raise InputError(msg) from None
-    for name in ("batch_size", "micro_batch_size", "save_every", "eval_every", "max_prompt_length"):
-        if getattr(cfg, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
-    if cfg.steps < 0 or (cfg.steps == 0 and cfg.epochs < 1):
-        raise InputError(f"--steps {cfg.steps} --epochs {cfg.epochs}: give --steps >= 1, "
-                         f"or --steps 0 and --epochs >= 1")
-    if cfg.batch_size % cfg.micro_batch_size:
-        raise InputError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size "
-                         f"{cfg.micro_batch_size}; choose a divisor")
-    if cfg.optimizer not in ("rmsprop", "adamw"):
-        raise InputError(f"--optimizer {cfg.optimizer}: use rmsprop or adamw")
-    if not 0 < cfg.lr < math.inf:
-        raise InputError(f"--lr {cfg.lr}: the learning rate must be a positive number (paper: 1e-6)")
-    if not 0 < cfg.adam_eps < math.inf:
-        raise InputError(f"--adam-eps {cfg.adam_eps}: must be a positive number (default 1e-8)")
-    if cfg.max_prompt_length >= cfg.max_length:
-        raise InputError(f"--max-prompt-length {cfg.max_prompt_length} must be below --max-length {cfg.max_length}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise InputError(f"--dtype {cfg.dtype}: use auto, float32, bfloat16 or float16")
-    if cfg.weights_dtype not in ("float32", "bfloat16"):
-        raise InputError(f"--weights-dtype {cfg.weights_dtype}: use float32 or bfloat16")
-    if cfg.lora_rank < 0 or not cfg.lora_alpha >= 0 or not 0 <= cfg.lora_dropout < 1:
-        raise InputError(f"--lora-rank {cfg.lora_rank} --lora-alpha {cfg.lora_alpha} --lora-dropout {cfg.lora_dropout}: "
-                         f"the rank must be >= 0 (0 = off), alpha >= 0 and the dropout in [0, 1)")
-    if cfg.lora_rank and cfg.ref:
-        raise InputError(f"--ref {cfg.ref} with --lora-rank: the LoRA reference is the base model with its adapters "
-                         f"off; drop --ref")
-    if cfg.trainable not in ("all", "head"):
-        raise InputError(f"--trainable {cfg.trainable}: use all (the paper) or head")
-    if cfg.trainable == "head" and (cfg.lora_rank or cfg.fsdp):
-        raise InputError(f"--trainable head with {'--lora-rank' if cfg.lora_rank else '--fsdp'}: choose one way of "
-                         f"limiting what trains (the head alone is small: DDP holds it on every process)")
-    if cfg.compile and cfg.fsdp:
-        raise InputError("--compile with --fsdp is not supported (untested here); drop one of them")
-    if cfg.lora_rank and cfg.fsdp:
-        raise InputError("--lora-rank with --fsdp is not supported: the frozen base fits where the adapters train; "
-                         "drop --fsdp (each process then holds the base, DDP syncs the adapters)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.fsdp and world == 1:
-        raise InputError("--fsdp shards over several processes: launch with torchrun --nproc_per_node=N dpo.py ...")
-    if cfg.batch_size % world:
-        raise InputError(f"--batch-size {cfg.batch_size} does not split over {world} processes: use a multiple of "
-                         f"{world} (it is the global batch)")
-    kind = cfg.device.split(":")[0]
-    if kind not in ("auto", "cpu", "cuda", "mps"):
-        raise InputError(f"--device {cfg.device}: use auto, cpu, cuda (or cuda:N) or mps")
-    mps = getattr(torch.backends, "mps", None)
-    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not (mps and mps.is_available()):
-        raise InputError(f"--device {cfg.device}: this machine has no such device; use --device cpu (or auto)")
+def make_optimizer(cfg, params, device):
+    """RMSprop (the paper) or AdamW over the trained parameters, with the linear warm-up of the paper."""
+    if cfg.optimizer == "rmsprop":
+        optimizer = torch.optim.RMSprop(params, lr=cfg.lr)
+    else:  # fused: one kernel over all tensors (as transformers' Trainer by default); FSDP's DTensors: the plain one
+        fused = device.split(":")[0] in ("cpu", "cuda") and not cfg.fsdp
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    return optimizer, scheduler
 
 
-def evaluate_pairs(cfg, policy, items, ref_lp, device, dtype, rank=0, world=1, pad_id=EOS):
+def evaluate_pairs(cfg, run, policy, fwd, items, reference_table):
     """Held-out loss, implicit-reward accuracy and margin. Under torchrun each process scores its share
     of the pairs (shard) and the sums are added over the processes."""
-    share, n_real = shard(len(items), rank, world)
-    policy.eval()
+    model = fwd if cfg.fsdp else policy  # FSDP: the sharded module gathers its weights; else the plain GPT
+    share, n_real = shard(len(items), run.rank, run.world)
+    model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss, accuracy, margin
     with torch.no_grad():
         for i in range(0, len(share), cfg.micro_batch_size):
             ids = share[i:i + cfg.micro_batch_size]
-            batch = make_batch([items[j] for j in ids], device, cfg.share_prompt, pad_id)  # no grad: no checkpointing
-            with autocast(device, dtype):
-                lp = batch_logps(policy, batch, cfg.average_logps).float()
-            loss, cr, rr = loss_from_logps(cfg, lp, ref_lp[ids].to(device), batch)
-            real = (torch.arange(i, i + len(ids)) < n_real).to(device)  # padding of the last share counts 0
-            sums += torch.stack([loss[real].sum(), (cr > rr)[real].float().sum(), (cr - rr)[real].sum()]).double().cpu()
-    policy.train()
-    if world > 1:
-        sums = all_reduce_sum(dict(enumerate(sums.tolist())), device)
-        sums = torch.tensor(list(sums.values()), dtype=torch.float64)
+            batch = make_batch([items[j] for j in ids], run.device, cfg.share_prompt, run.pad_id)  # no grad: no checkpointing
+            with autocast(run.device, run.dtype):
+                policy_logps = batch_logps(model, batch, cfg.average_logps).float()
+            losses, chosen_rewards, rejected_rewards = loss_from_logps(cfg, policy_logps, reference_table[ids].to(run.device), batch)
+            real = (torch.arange(i, i + len(ids)) < n_real).to(run.device)  # padding of the last share counts 0
+            sums += torch.stack([losses[real].sum(), (chosen_rewards > rejected_rewards)[real].float().sum(),
+                                 (chosen_rewards - rejected_rewards)[real].sum()]).double().cpu()
+    model.train()
+    if run.world > 1:
+        sums = torch.tensor(list(all_reduce_sum(dict(enumerate(sums.tolist())), run.device).values()), dtype=torch.float64)
+    if cfg.fsdp:
+        fwd.reshard()  # (as after the reference pass): the optimiser's state is keyed by the shards
     loss, acc, margin = (sums / max(len(items), 1)).tolist()
     return {"eval/loss": loss, "eval/accuracy": acc, "eval/margin": margin}
-
-
-def save_checkpoint(folder, policy, state, tokenizer_file=None):
-    """Model (HF layout) + train_state.pt in one folder, swapped in atomically: a kill at any moment
-    leaves either the previous checkpoint or this one, never a mixture. A LoRA policy is saved with its
-    adapters merged into the weights, W + (alpha/r) B A, and the adapters alone in adapters.safetensors."""
-    tmp = folder.rstrip("/") + ".writing"
-    adapters = lora_state_dict(policy)
-    if adapters:  # LoRA: the merged model (any HF loader reads it) plus the adapters alone, for --resume
-        with lora_merged(policy, device="cpu"):
-            save_pretrained(policy, tmp)  # itself atomic: tmp appears complete or not at all
-        save_safetensors(adapters, os.path.join(tmp, "adapters.safetensors"))
-    else:
-        save_pretrained(policy, tmp)
-    if tokenizer_file:  # a non-GPT-2 tokenizer travels with the weights, so the checkpoint loads as --model
-        shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
-    torch.save(state, os.path.join(tmp, "train_state.pt.tmp"))
-    os.replace(os.path.join(tmp, "train_state.pt.tmp"), os.path.join(tmp, "train_state.pt"))
-    old = folder.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_checkpoint(folder):
-    """A kill between save_checkpoint's last two renames leaves no `folder`: the previous checkpoint is
-    `.old` and the new one `.writing`, complete (it holds train_state.pt, written last). Put the new one in place."""
-    new = folder.rstrip("/") + ".writing"
-    if not os.path.exists(folder) and os.path.exists(os.path.join(new, "train_state.pt")):
-        os.replace(new, folder)
-
-
-# ----------------------------------------------------------------------------------------------
-# Many processes: `torchrun --nproc_per_node=N dpo.py ...` (N GPUs, or N CPU processes with gloo).
-# --batch-size stays the GLOBAL batch: each process takes its contiguous 1/N of every step's pairs, and the
-# gradient is the same sum over all pairs / batch_size as in one process. Metrics are summed over the
-# processes; only process 0 logs and writes metrics.jsonl and checkpoints.
-
-def init_processes(device):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group, NCCL on CUDA and
-    gloo on CPU; each process takes GPU number LOCAL_RANK. One process: (0, 1, device), nothing to join."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def shard(n, rank, world):
-    """This process's contiguous share of n items: (indices, how many are real). Every process gets
-    ceil(n / world) indices, the last share padded with repeats of item 0 (to be ignored), so that all
-    run the same number of forward passes: FSDP's collectives need every process in every forward."""
-    size = -(-n // world)
-    real = list(range(rank * size, min(n, (rank + 1) * size)))
-    return real + [0] * (size - len(real)), len(real)
-
-
-def all_reduce_sum(values, device):
-    """{key: number} summed over the processes (every process passes the same keys, in the same order)."""
-    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(values, t.tolist()))
-
-
-def reference_logps_all(reference, items, micro_batch_size, device, dtype, average, rank=0, world=1,
-                        share_prompt=True, pad_id=EOS):
-    """reference_logps of every pair, (P, 2). With several processes each scores its share and the shares
-    are all-gathered, so that every process ends with the whole table."""
-    if world == 1:
-        return reference_logps(reference, items, micro_batch_size, device, dtype, average,
-                               share_prompt=share_prompt, pad_id=pad_id)
-    share, _ = shard(len(items), rank, world)
-    if not share:
-        return torch.zeros(0, 2)
-    mine = reference_logps(reference, [items[i] for i in share], micro_batch_size, device, dtype, average,
-                           show=rank == 0, share_prompt=share_prompt, pad_id=pad_id).to(device)  # (S, 2); NCCL gathers GPU tensors
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(parts, mine)
-    return torch.cat(parts).cpu()[:len(items)]  # shares are contiguous: the padding is at the end
-
-
-class LogpsModule(nn.Module):
-    """batch_logps of a GPT as the forward() of a module. DistributedDataParallel synchronises gradients,
-    and FSDP gathers parameters, around the forward() of the module they wrap; GPT.forward returns logits,
-    not the response log-probs DPO needs, and the output head runs after it. Wrapping this puts it all inside."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch, average=False):
-        return batch_logps(self.model, batch, average)  # (2B,)
-
-
-def wrap_for_processes(model, device, fsdp):
-    """A GPT ready for several processes, as a LogpsModule that batch_logps calls.
-
-    DDP (default): every process holds the whole model; during backward the gradients are averaged over
-    the processes in buckets, overlapping with the computation. Costs one all-reduce of the gradients a step.
-    FSDP (--fsdp): fully_shard on every block, then on the whole: each process keeps 1/N of the parameters,
-    gradients and optimiser state, and all-gathers a block's weights only while that block runs (forward
-    and again in backward), then reduce-scatters its gradients. Costs ~1.5x DDP's communication."""
-    wrapped = LogpsModule(model)
-    if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
-        for block in model.h:
-            fully_shard(block, mesh=mesh)
-        return fully_shard(wrapped, mesh=mesh)
-    return nn.parallel.DistributedDataParallel(wrapped, device_ids=[device] if device.startswith("cuda") else None)
-
-
-def gathered_model(policy, wrapped):
-    """An ordinary GPT with the full weights of an FSDP-sharded policy, on process 0 (None elsewhere), for
-    save_pretrained. Every process must call it: the shards are gathered (into host memory)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
-        return None
-    with torch.device("meta"):
-        model = GPT(policy.config)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, assign=True)
-    if policy.config.tie_word_embeddings:
-        model.lm_head.weight = model.wte.weight
-    return model
-
-
-def _local(t):
-    """This process's part of a tensor (an FSDP parameter is a DTensor: its local shard)."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, log=print):
     """Trains a policy with a preference loss. Returns (policy, list of per-step metric dicts).
 
     train_pairs/eval_pairs (lists of {"prompt","chosen","rejected"}) override cfg.data; ref_lp
-    ({"train": (P, 2), "eval": (Q, 2)} tensors) supplies precomputed reference log-probs, so every run of
-    a beta sweep reuses one reference pass.
-
-    Faults: bad input raises InputError before anything is trained; a non-finite loss or gradient raises
-    TrainingError naming the step and the pairs, before the weights change (cfg.skip_nonfinite: the batch
-    is skipped and counted instead); weights are checked finite before every save.
-
-    Under torchrun (WORLD_SIZE > 1) every process runs this function on its share of each step's pairs:
-    see "Many processes" above; the metrics equal a one-process run's on the same global batch."""
+    ({"train": (P, 2), "eval": (Q, 2)}) supplies precomputed reference log-probs (a beta sweep computes them once).
+    Bad input raises InputError before anything is trained; a non-finite loss or gradient raises TrainingError
+    naming the step and pairs, before the weights change. Under torchrun every process runs this function on
+    its share of each step's pairs, and the metrics equal one process's on the same global batch."""
     check_config(cfg)
-    device, dtype = pick_device(cfg.device), cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    rank, world, device = init_processes(device)
-    if rank != 0:
-        log = lambda *a, **k: None  # noqa: E731  (process 0 speaks for all)
-    weights_dtype = getattr(torch, cfg.weights_dtype)
-    ckpt = os.path.join(cfg.out, "checkpoint")
-    recover_checkpoint(ckpt)
-    if os.path.exists(ckpt) and not (cfg.resume or cfg.overwrite):
-        raise InputError(f"{cfg.out} already holds a run; pass --resume to continue it, --overwrite to replace "
-                         f"it, or choose another --out")
-    if cfg.resume and not os.path.exists(os.path.join(ckpt, "train_state.pt")):
-        raise InputError(f"--resume: {ckpt} holds no checkpoint to resume from; drop --resume to start afresh")
-    if cfg.resume:
-        try:
-            state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
-        except Exception as e:  # torch raises RuntimeError, EOFError or pickle errors on a damaged file
-            raise InputError(f"{ckpt}/train_state.pt: cannot read it ({str(e).splitlines()[0][:80]}); the file is "
-                             f"damaged: restore it, or start afresh with --overwrite") from None
-        saved = state.get("config", {})
-        changed = [k for k in ("model", "ref", "optimizer", "batch_size", "seed", "weights_dtype", "lora_rank", "fsdp",
-                               "trainable")
-                   # a change breaks exact resume (the number of processes may change: the global batch is the same)
-                   if saved.get(k, getattr(cfg, k)) != getattr(cfg, k)]
-        if changed:
-            was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
-            raise InputError(f"--resume: {ckpt} was trained with {was}; pass the same values to continue it exactly, "
-                             f"or choose another --out")
-    try:  # unwritable, or under a file: found now, not at the first checkpoint
-        os.makedirs(cfg.out, exist_ok=True)
-        open(os.path.join(cfg.out, f".write-test{rank}"), "w").close()
-        os.remove(os.path.join(cfg.out, f".write-test{rank}"))
-    except OSError as e:
-        raise InputError(f"--out {cfg.out}: cannot write there ({e.strerror}: {e.filename}); "
-                         f"choose another --out") from None
+    run = Run(cfg, log)  # device, processes, the --out folder, the --resume state
     torch.manual_seed(cfg.seed)
-
     if train_pairs is None:
         train_pairs, eval_pairs = load_pairs(cfg)
-    # the policy's own tokenizer: GPT-2's BPE, or a tokenizer.json (Pythia/NeoX) converted to tiktoken
-    if not cfg.model.startswith("random:"):
-        resolve_checkpoint(cfg.model)  # a missing folder or an offline hub name: that error first, in one line
-    tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0  # padding is masked: any valid id
-    tokenizer_file = None if tokenizer.to_id is None else hub_file(cfg.model, "tokenizer.json")
+    tokenizer, tokenizer_file = model_tokenizer(cfg.model)  # GPT-2's BPE, or the model's own tokenizer.json
     train_items = tokenize_all(train_pairs, cfg, "train", tokenizer)
     eval_items = tokenize_all(eval_pairs or [], cfg, "eval", tokenizer)
-    if len(train_items) < cfg.batch_size:
-        raise InputError(f"only {len(train_items)} training pairs, fewer than --batch-size {cfg.batch_size}; "
-                         f"lower --batch-size or add data")
-    if cfg.share_prompt and not worth_sharing(train_items + eval_items):
-        log(f"note: prompts too short to be worth computing once (sharing would save under "
-            f"{SHARE_MIN_SAVING:.0%} of the tokens): each row computes its own")
-        cfg = dataclasses.replace(cfg, share_prompt=False)
-
-    lora = cfg.lora_rank > 0
-    load_device = "cpu" if cfg.fsdp else device  # FSDP moves each process's shards to the GPU as it shards
-    # LoRA resumes from the base model plus the saved adapters: the checkpoint's weights are merged ones
-    policy = load_model(cfg.resume and not lora and ckpt or cfg.model, load_device, cfg.seed, weights_dtype)
-    if lora:
-        add_lora(policy, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout)
-        if cfg.resume:
-            path = os.path.join(ckpt, "adapters.safetensors")
-            if not os.path.exists(path):
-                raise InputError(f"--resume: {path} is missing: the run was not trained with --lora-rank, or the "
-                                 f"checkpoint is incomplete; restore it or start afresh with --overwrite")
-            load_lora_state_dict(policy, load_safetensors(path), path)
-    if cfg.trainable == "head":
-        train_only_head(policy)
-    policy.grad_checkpoint = cfg.grad_checkpoint  # read by GPT.forward
-    if reference is None and ref_lp is None:
-        if lora:
-            reference = policy  # with its adapters switched off (lora_disabled): the frozen base model
-        elif cfg.ref:
-            reference = load_model(cfg.ref, load_device, cfg.seed, weights_dtype)
-        elif cfg.resume:
-            reference = load_model(cfg.model, load_device, cfg.seed, weights_dtype)
-        elif cfg.precompute_ref:
-            reference = policy  # untrained yet, the policy is the reference: the one pass needs no copy
-        else:
-            reference = copy.deepcopy(policy)
-    if reference is not None and reference is not policy:
-        reference.eval().requires_grad_(False)  # frozen: never trained, never in the optimiser
-        if cfg.compile:
-            compile_blocks(reference)
-    if cfg.compile:  # after the reference's deepcopy: a copy of a compiled block would call the original's code
-        compile_blocks(policy)
-    reference_mode = (lambda: lora_disabled(policy)) if lora else contextlib.nullcontext
-    longest = max(len(it["prompt_ids"]) + max(len(it["chosen_ids"]), len(it["rejected_ids"]))
-                  for it in train_items + eval_items)
-    for spec, m in ((cfg.resume and ckpt or cfg.model, policy), (cfg.ref or "the reference model", reference)):
-        if m is not None and m.config.vocab_size < tokenizer.vocab_size:
-            raise InputError(f"{spec}: a vocabulary of {m.config.vocab_size} tokens, but the data is tokenised with "
-                             f"{tokenizer.name}'s {tokenizer.vocab_size}; pass a model that uses that tokenizer, "
-                             f"or put the model's tokenizer.json beside its weights")
-        if m is not None and m.config.block_size < longest:
-            raise InputError(f"{spec}: {m.config.block_size} positions, but the longest pair has {longest} tokens; "
-                             f"lower --max-length to {m.config.block_size}")
-    per_ckpt = policy.num_params() * 4 * (3 if cfg.optimizer == "adamw" else 2)  # float32 weights + optimiser state
-    need = per_ckpt * (1 if os.path.exists(ckpt) else 2)  # the previous and the new checkpoint, while saving
-    free = shutil.disk_usage(cfg.out).free
-    if free < need:
-        raise InputError(f"--out {cfg.out}: {free / 1e9:.2f} GB free, but checkpoints need about {need / 1e9:.2f} GB "
-                         f"(the previous and the new one while saving); free some space or choose another --out")
-    if cfg.weights_dtype != "float32" and not lora:
-        log(f"note: --weights-dtype {cfg.weights_dtype} without --lora-rank: the optimiser state is {cfg.weights_dtype} "
-            f"too, and an update smaller than ~0.4% of a weight rounds away (lr {cfg.lr:g})")
-    fwd = policy if world == 1 else wrap_for_processes(policy, device, cfg.fsdp)  # what computes log pi(y|x)
-    if reference is policy:
-        ref_fwd = fwd if cfg.fsdp else policy  # a no-grad forward of a full copy needs no wrapper
-    else:
-        ref_fwd = wrap_for_processes(reference, device, True) if reference is not None and cfg.fsdp else reference
-    if ref_lp is None and cfg.precompute_ref:
-        with reference_mode():
-            ref_lp = {name: reference_logps_all(ref_fwd, items, cfg.micro_batch_size, device, dtype, cfg.average_logps,
-                                                rank, world, cfg.share_prompt, pad_id)
-                      for name, items in (("train", train_items), ("eval", eval_items))}
-        reference = ref_fwd = None  # freed: training holds only the policy
-    if cfg.fsdp:
-        fwd.reshard()  # a no-grad forward leaves the root's parameters gathered: no backward reshards them
-    fwd.train()
-
-    trainable = [p for p in fwd.parameters() if p.requires_grad]  # LoRA: the adapters; --trainable head: the head
-    if cfg.optimizer == "rmsprop":
-        optimizer = torch.optim.RMSprop(trainable, lr=cfg.lr)
-    else:  # fused: one kernel over all tensors (as transformers' Trainer by default); FSDP's DTensors: the plain one
-        fused = device.split(":")[0] in ("cpu", "cuda") and not cfg.fsdp
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, eps=cfg.adam_eps, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    steps_per_epoch = len(train_items) // cfg.batch_size
-    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-    step, skipped, saved_step = 0, 0, None
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if cfg.resume:
-        if cfg.fsdp:  # saved whole (gathered); each process keeps its shard of it
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(fwd, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step = saved_step = state["step"]
-        skipped = state.get("skipped", 0)
-        if rank == 0 and os.path.exists(metrics_path):  # drop lines logged after the checkpoint (or cut by a kill)
-            lines = [ln for ln in open(metrics_path) if ln.endswith("\n") and json.loads(ln)["step"] <= step]
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(metrics_path + ".tmp", metrics_path)
-        log(f"resumed from {ckpt} at step {step}")
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    log(f"{len(train_items)} train pairs, {len(eval_items)} held-out | {total_steps} steps of {cfg.batch_size} "
-        f"pairs | {policy.num_params() / 1e6:.1f}M parameters"
-        + (f", {sum(p.numel() for p in trainable):,} trained ("
-           + (f"LoRA rank {cfg.lora_rank})" if lora else "the output head)") if lora or cfg.trainable == "head" else "")
-        + f" | {device} {dtype}, weights {cfg.weights_dtype}"
-        + (f" | {world} processes, {'FSDP' if cfg.fsdp else 'DDP'}" if world > 1 else ""))
-
-    history, run_start, eval_ref = [], step, None
-    while step < total_steps:
-        epoch, k = divmod(step, steps_per_epoch)
-        order = epoch_order(train_items, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]  # the data position is the step
-        mine = [idx[j] for j in shard(len(idx), rank, world)[0]]  # this process's pairs (one process: all)
-        t0, fault = time.time(), None
-        # the step's sums stay on the device and are read once at its end: a read (.item()) waits for the
-        # device, and one per micro-batch would leave a GPU idle while Python queues the next micro-batch
-        keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected")
-        sums, n_tokens, finite = torch.zeros(len(keys), device=device, dtype=torch.float64), 0, []
-        mbs = micro_batches(train_items, mine, cfg.micro_batch_size)
-        for m, mb in enumerate(mbs):
-            # DDP all-reduces the gradients in the last micro-batch's backward only; FSDP reduce-scatters them
-            # in every backward, so that they stay sharded
-            ddp_accumulate = isinstance(fwd, nn.parallel.DistributedDataParallel) and m < len(mbs) - 1
-            with fwd.no_sync() if ddp_accumulate else contextlib.nullcontext():
-                batch, tokens = make_batch([train_items[i] for i in mb], device, shares_prompt(cfg), pad_id, True)
-                n_tokens += tokens  # the tokens actually computed
-                with autocast(device, dtype):
-                    policy_logps = batch_logps(fwd, batch, cfg.average_logps).float()  # (2B,) one forward
-                if ref_lp is not None:
-                    ref = ref_lp["train"][mb].to(device)  # (B, 2)
-                else:
-                    with torch.no_grad(), reference_mode(), autocast(device, dtype):
-                        ref = torch.stack(batch_logps(ref_fwd, batch, cfg.average_logps).float().chunk(2), 1)
-                losses, cr, rr = loss_from_logps(cfg, policy_logps, ref, batch)
-                finite.append(torch.isfinite(losses))  # checked at the step's end (a NaN loss gives NaN gradients)
-                # accumulating sums / batch = the full-batch mean; DDP and FSDP average the gradients over the
-                # processes, and x world turns that average back into the sum over all the step's pairs
-                (losses.sum() * world / cfg.batch_size).backward()
-            pc, pr = policy_logps.detach().chunk(2)
-            sums += torch.stack([v.sum() for v in (losses.detach(), cr, rr, (cr > rr).float(), cr - rr, pc, pr)]).double()
-        finite = torch.cat(finite).tolist()  # the step's one wait for the device, with the sums below
-        sums = dict(zip(keys, sums.tolist()))
-        if not all(finite):
-            bad = [i for i, ok in zip([i for mb in mbs for i in mb], finite) if not ok]
-            m = next(k for k, mb in enumerate(mbs) if bad[0] in mb)
-            fault = (f"non-finite loss in micro-batch {m + 1} (training pairs {bad[:8]}, "
-                     f"the first with prompt {train_pairs[bad[0]]['prompt'][:40]!r})")
-        if world > 1:  # the whole step's metrics, and a fault on any process stops (or skips) on every one
-            sums = all_reduce_sum({**sums, "tokens": n_tokens, "fault": fault is not None}, device)
-            n_tokens = int(sums.pop("tokens"))
-            if sums.pop("fault") and fault is None:
-                fault = "non-finite loss on another process"
-        if fault:
-            grad_norm = math.nan
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
-        if not fault and not math.isfinite(grad_norm):
-            fault = f"non-finite gradient norm (training pairs {idx[:8]}{'...' if len(idx) > 8 else ''})"
-        last_good = (f"the last good checkpoint is {ckpt} (step {saved_step})" if saved_step else
-                     "no checkpoint saved yet")
-        if fault and not cfg.skip_nonfinite:
-            raise TrainingError(f"step {step + 1}: {fault}; weights not updated, {last_good}; try a lower --lr, "
-                                f"--dtype float32, or --skip-nonfinite to skip such batches")
+    cfg = run.use_data(cfg, train_items, eval_items, tokenizer, tokenizer_file)  # a batch's worth; prompt sharing
+    policy, fwd, reference = run.models(reference, ref_lp, train_items, eval_items)  # LoRA, compile, DDP/FSDP, pi_ref
+    trainable = [p for p in fwd.parameters() if p.requires_grad]  # all, or the LoRA adapters, or the head
+    optimizer, scheduler = make_optimizer(cfg, trainable, run.device)
+    total_steps = cfg.steps or cfg.epochs * (len(train_items) // cfg.batch_size)
+    start = run.resume(fwd, optimizer, scheduler)  # 0, or the saved step with the optimiser and RNG state
+    run.describe(policy, trainable, len(train_items), len(eval_items), total_steps)
+    for step in range(start, total_steps):
+        t0 = time.time()
+        idx, mine = run.step_pairs(train_items, step)  # the step's pairs and this process's share (one process: all)
+        stats = StepStats(run.device)
+        micro = micro_batches(train_items, mine, cfg.micro_batch_size)  # similar lengths together: the same sum
+        for m, mb in enumerate(micro):
+            with run.no_sync(fwd, last=m == len(micro) - 1):  # DDP: gradients all-reduced in the last backward
+                batch, tokens = make_batch([train_items[i] for i in mb], run.device, shares_prompt(cfg), run.pad_id, True)
+                with autocast(run.device, run.dtype):
+                    # fast path, = sequence_logps(model(ids), ids, loss_mask) to 1e-5 (test_train.py::
+                    # test_concatenated_forward_equals_separate_forwards): the head runs on response tokens only
+                    policy_logps = batch_logps(fwd, batch, cfg.average_logps).float()  # (2B,) log pi(y|x)
+                reference_logps = reference.logps(batch, mb)  # (B, 2) log pi_ref(y|x), no grad
+                losses, chosen_rewards, rejected_rewards = loss_from_logps(cfg, policy_logps, reference_logps, batch)
+                # summed over micro-batches / batch_size = the full batch's mean; DDP/FSDP average the gradients
+                # over processes, and x world turns that average back into the sum over all the step's pairs
+                (losses.sum() * run.world / cfg.batch_size).backward()
+            stats.add(mb, losses, chosen_rewards, rejected_rewards, policy_logps, tokens)
+        grad_norm, fault = run.guard(stats, trainable, step, idx, train_pairs)  # clip; NaN: raise, or skip the step
         lr = scheduler.get_last_lr()[0]
-        if fault:  # --skip-nonfinite: the batch is consumed (the data position stays the step), the weights are not
-            skipped += 1
-        else:
+        if not fault:
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()  # the step's time includes its optimiser kernels, not the next step
-        dt = time.time() - t0
-        if fault:
-            log(f"step {step}/{total_steps} | skipped: {fault} | {skipped} skipped so far (--skip-nonfinite)")
-        else:
-            row = {"step": step, **{k_: v / cfg.batch_size for k_, v in sums.items()}, "grad_norm": grad_norm,
-                   "lr": lr, "tokens_per_s": n_tokens / dt, "step_s": dt}
-            if eval_items and (step % cfg.eval_every == 0 or step == total_steps):
-                if eval_ref is None:  # the reference never changes: its held-out log-probs are computed once
-                    if ref_lp is not None:
-                        eval_ref = ref_lp["eval"]
-                    else:
-                        with reference_mode():
-                            eval_ref = reference_logps_all(ref_fwd, eval_items, cfg.micro_batch_size, device, dtype,
-                                                           cfg.average_logps, rank, world, cfg.share_prompt, pad_id)
-                row.update(evaluate_pairs(cfg, fwd if cfg.fsdp else policy, eval_items, eval_ref, device, dtype,
-                                          rank, world, pad_id))
-                if cfg.fsdp:
-                    fwd.reshard()  # (as after the reference pass): the optimiser's state is keyed by the shards
-            history.append(row)
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            log(f"step {step}/{total_steps} | loss {row['loss']:.4f} | acc {row['rewards/accuracies']:.2f} | margin "
-                f"{row['rewards/margins']:.3f} | chosen {row['rewards/chosen']:.3f} | rejected {row['rewards/rejected']:.3f}"
-                f" | grad {grad_norm:.2f} | lr {lr:.2e} | {row['tokens_per_s']:.0f} tok/s | {dt * 1000:.0f} ms"
-                + (f" | eval loss {row['eval/loss']:.4f} acc {row['eval/accuracy']:.2f}" if "eval/loss" in row else ""))
-        if step % cfg.save_every == 0 or step == total_steps or step - run_start == cfg.stop_after:
-            bad = [n for n, p in policy.named_parameters() if not torch.isfinite(_local(p)).all()]
-            n_bad = all_reduce_sum({"bad": len(bad)}, device)["bad"] if world > 1 else len(bad)
-            if n_bad:  # finite gradients can still overflow the weights (fp16, huge --lr): never save those
-                raise TrainingError(f"step {step}: non-finite weights in {bad[0] if bad else 'a shard of another process'} "
-                                    f"({n_bad:.0f} tensors); not saved, {last_good}; try a lower --lr or --dtype float32")
-            if cfg.fsdp:  # gathered whole on process 0: the checkpoint does not depend on the number of processes
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-                opt_state = get_optimizer_state_dict(fwd, optimizer,
-                                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-                to_save = gathered_model(policy, fwd)
-            else:
-                opt_state, to_save = optimizer.state_dict(), policy
-            failed = None
-            if rank == 0:
-                state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
-                         "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "skipped": skipped}
-                try:
-                    save_checkpoint(ckpt, to_save, state, tokenizer_file)
-                    if cfg.keep_checkpoints:
-                        save_checkpoint(os.path.join(cfg.out, f"step-{step}"), to_save, state, tokenizer_file)
-                except OSError as e:
-                    failed = f"cannot write the checkpoint to {ckpt} ({e.strerror or e})"
-            if world > 1 and all_reduce_sum({"failed": failed is not None}, device)["failed"]:  # (also a barrier)
-                failed = failed or "process 0 could not write the checkpoint"
-            if failed:
-                raise TrainingError(f"step {step}: {failed}; {last_good}; free some space or choose another --out")
-            saved_step = step
-        if step - run_start == cfg.stop_after:
-            log(f"stopping after {cfg.stop_after} steps (--stop-after); continue with --resume")
+        row = run.step_row(step + 1, total_steps, stats, grad_norm, lr, fault, t0)  # None if skipped
+        if row and eval_items and ((step + 1) % cfg.eval_every == 0 or step + 1 == total_steps):
+            row.update(evaluate_pairs(cfg, run, policy, fwd, eval_items, reference.held_out(eval_items)))
+        run.log_step(row, total_steps)  # one line, and metrics.jsonl
+        run.maybe_save(step + 1, total_steps, policy, fwd, optimizer, scheduler)  # atomic; never NaN weights
+        if run.stops_after(step + 1):  # --stop-after
             break
-    if skipped:
-        log(f"{skipped} of {step} batches skipped for a non-finite loss or gradient (--skip-nonfinite)")
-    return policy, history
-
-
-class TrainingError(RuntimeError):
-    """A numerical fault during training (non-finite loss or gradient): one line, run stops cleanly."""
+    run.finish()
+    return policy, run.history
 
 
 def parse_args(argv=None, cls=TrainConfig):

@@ -1,6 +1,8 @@
 """Tests for the DPO maths in dpo.py: hand-computed losses, closed-form gradients against autograd in
 float64, sequence log-probs against F.cross_entropy and a slow loop.
 
+    python -m pytest -q test_dpo.py -k plain        # exercise tier 1: plain DPO (dpo_loss_grad, sequence_logps_grad)
+    python -m pytest -q test_dpo.py -k "grad or chain"   # tier 2: every loss variant (preference_loss_grad)
     python -m pytest -q test_dpo.py        # add -s to see the largest gradient error per loss type
 """
 import math
@@ -10,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from dpo import (LOSS_TYPES, implicit_reward_weight, preference_loss, preference_loss_grad, sequence_logps,
-                 sequence_logps_grad)
+from dpo import (LOSS_TYPES, dpo_loss, dpo_loss_grad, implicit_reward_weight, preference_loss, preference_loss_grad,
+                 sequence_logps, sequence_logps_grad)
 
 
 def f64(*xs):
@@ -305,7 +307,7 @@ def test_sequence_logps_bf16_logits_give_float32_result():
 
 
 @pytest.mark.parametrize("average", [False, True])
-def test_sequence_logps_grad_matches_autograd(average):
+def test_plain_sequence_logps_grad_matches_autograd(average):
     logits, labels, loss_mask = _batch(N=3, T=6, V=11)
     dlogps = torch.randn(3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     assert_close(_logps64(logits, labels, loss_mask, average),  # an independent check of sequence_logps
@@ -351,3 +353,55 @@ def test_chain_rule_to_logits_matches_autograd(name):
     assert_close(closed, auto, atol=1e-10, rtol=0)
     closed, auto = closed_and_autograd(logits.float(), sequence_logps)       # the real float32 path
     assert_close(closed, auto.float(), atol=1e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tier 1 of the exercises: plain DPO only (dpo_loss, dpo_loss_grad, sequence_logps_grad); `-k plain` selects these
+# and the sequence_logps_grad test above. No loss variant (preference_loss_grad) is needed to pass them.
+
+def _pairs64(B=5, seed=6):
+    g = torch.Generator().manual_seed(seed)
+    return [-40 * torch.rand(B, generator=g, dtype=torch.float64) for _ in range(4)]  # pi_w, pi_l, ref_w, ref_l
+
+
+def test_plain_dpo_loss_by_hand():
+    """Policy (-10, -12), reference (-11, -11), beta 0.1: h = 2 - 0 = 2, loss = -log sigmoid(0.2) = A (see HAND),
+    rewards 0.1 * (-10 + 11) = 0.1 and 0.1 * (-12 + 11) = -0.1."""
+    losses, chosen_rewards, rejected_rewards = dpo_loss(f64(-10.0), f64(-12.0), f64(-11.0), f64(-11.0), beta=0.1)
+    assert losses.item() == pytest.approx(A, abs=1e-12)
+    assert (chosen_rewards.item(), rejected_rewards.item()) == pytest.approx((0.1, -0.1), abs=1e-12)
+
+
+def test_plain_dpo_loss_equals_the_dpo_variant_exactly():
+    """What trains by default (dpo_loss) and preference_loss(loss_type="dpo") give the same bits."""
+    for dtype in (torch.float32, torch.float64):
+        args = [x.to(dtype) for x in _pairs64()]
+        for ours, variant in zip(dpo_loss(*args, beta=0.1), preference_loss(*args, beta=0.1)):
+            assert_close(ours, variant, atol=0, rtol=0)
+
+
+def test_plain_dpo_loss_grad_matches_autograd():
+    """Eq. 6 by hand: dL/dlog pi(y_w) = -(beta/B) sigmoid(-beta h) = -dL/dlog pi(y_l), against autograd of the mean loss."""
+    pi_w, pi_l, ref_w, ref_l = _pairs64()
+    for beta in (0.1, 0.5, 2.0):
+        leaves = [pi_w.clone().requires_grad_(True), pi_l.clone().requires_grad_(True)]
+        dpo_loss(*leaves, ref_w, ref_l, beta=beta)[0].mean().backward()
+        d_chosen, d_rejected = dpo_loss_grad(pi_w, pi_l, ref_w, ref_l, beta=beta)
+        assert_close(d_chosen, leaves[0].grad, atol=1e-12, rtol=0)
+        assert_close(d_rejected, leaves[1].grad, atol=1e-12, rtol=0)
+        assert (d_chosen < 0).all() and (d_rejected > 0).all()  # descent raises log pi(y_w), lowers log pi(y_l)
+
+
+def test_plain_chain_rule_to_logits_matches_autograd():
+    """dpo_loss_grad composed with sequence_logps_grad == autograd of the mean DPO loss with respect to the logits
+    of 2B stacked rows (chosen rows, then rejected rows), in float64."""
+    B, T, V = 3, 7, 13
+    logits, labels, loss_mask = _batch(N=2 * B, T=T, V=V, seed=4)           # (2B, T, V)
+    reference_logps = -30 * torch.rand(2 * B, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    leaf = logits.clone().requires_grad_(True)
+    logps = sequence_logps(leaf, labels, loss_mask)                         # (2B,)
+    dpo_loss(logps[:B], logps[B:], reference_logps[:B], reference_logps[B:])[0].mean().backward()
+    logps = logps.detach()
+    d_chosen, d_rejected = dpo_loss_grad(logps[:B], logps[B:], reference_logps[:B], reference_logps[B:])
+    closed = sequence_logps_grad(logits, labels, loss_mask, torch.cat([d_chosen, d_rejected]))
+    assert_close(closed, leaf.grad, atol=1e-10, rtol=0)

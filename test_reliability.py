@@ -33,7 +33,8 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
 import machinery.hf  # noqa: E402
-from machinery import hub  # noqa: E402
+import shutil  # noqa: E402
+from machinery import hub, runtime  # noqa: E402
 from machinery.hf import from_pretrained, save_pretrained  # noqa: E402
 from machinery.util import InputError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -373,7 +374,7 @@ def test_output_folder_under_a_file(tmp_path, good, capsys):
 
 
 def test_too_little_disk_space_is_found_before_training(tmp_path, good, capsys, monkeypatch):
-    monkeypatch.setattr(dpo.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
     cli_error(capsys, args(good, tmp_path / "run"), "0.00 GB free, but checkpoints need about 0.04 GB")
     assert_nothing_written(tmp_path / "run")
 
@@ -439,7 +440,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, capsys):
         cut.send_signal(signal.SIGKILL)
         assert cut.wait() == -signal.SIGKILL
 
-        dpo.recover_checkpoint(str(ckpt))  # what --resume does first (a no-op unless killed between two renames)
+        runtime.recover_checkpoint(str(ckpt))  # what --resume does first (a no-op unless killed between two renames)
         state = torch.load(ckpt / "train_state.pt", weights_only=False)
         assert 1 <= state["step"] < steps
         load_weights(ckpt)  # the checkpoint left by the kill loads

@@ -252,7 +252,7 @@ def one_process(tmp_path_factory):
     write_jsonl(data, [dict(p, prompt="the film story and the actor in the scene was " + p["prompt"])
                        for p in synthetic_pairs(48, seed=3)])
     items = [tokenize_pair(p["prompt"], p["chosen"], p["rejected"]) for p in map(json.loads, open(data))]
-    assert dpo.worth_sharing(items)
+    assert fast.worth_sharing(items)
     assert dpo.main(RUN_ARGS + ["--data", str(data), "--out", str(folder / "run")]) == 0
     return data, [json.loads(ln) for ln in open(folder / "run" / "metrics.jsonl")]
 

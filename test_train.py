@@ -14,6 +14,7 @@ import torch
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tiktoken"))
 
 import dpo
+import data
 from machinery import fast
 from data import collate_pairs, tokenize_pair
 from model import GPT, GPTConfig
@@ -87,13 +88,13 @@ def test_precomputed_reference_equals_on_the_fly(tmp_path):
 def test_worth_sharing_by_hand():
     """Sharing 2 rows' prompt of p tokens with responses of r tokens computes p + 2r tokens instead of 2p + 2r."""
     pair = lambda p, r: {"prompt_ids": [1] * p, "chosen_ids": [2] * r, "rejected_ids": [3] * r}
-    assert dpo.worth_sharing([pair(8, 2)])  # 12 of 20 tokens: saves 40%
-    assert not dpo.worth_sharing([pair(2, 8)])  # 18 of 20: saves 10%
-    assert dpo.worth_sharing([pair(4, 6)])  # 16 of 20: exactly 20%
-    assert not dpo.worth_sharing([pair(4, 7)])  # 18 of 22: 18%
+    assert fast.worth_sharing([pair(8, 2)])  # 12 of 20 tokens: saves 40%
+    assert not fast.worth_sharing([pair(2, 8)])  # 18 of 20: saves 10%
+    assert fast.worth_sharing([pair(4, 6)])  # 16 of 20: exactly 20%
+    assert not fast.worth_sharing([pair(4, 7)])  # 18 of 22: 18%
     # 4 samples of one prefix (6 pairs, 4 distinct rows): 2 + 4*3 = 14 of 4*5 = 20 tokens
     samples = [[5, 6, 7], [8, 9, 9], [7, 7, 7], [6, 6, 6]]
-    assert dpo.worth_sharing([{"prompt_ids": [1, 2], "chosen_ids": samples[i], "rejected_ids": samples[j]}
+    assert fast.worth_sharing([{"prompt_ids": [1, 2], "chosen_ids": samples[i], "rejected_ids": samples[j]}
                               for i in range(4) for j in range(i + 1, 4)])
 
 
@@ -112,7 +113,7 @@ def test_compile_equals_eager(tmp_path, monkeypatch):
     """--compile (torch.compile per block) trains the same model as eager, up to float rounding. Both shared-prompt
     passes run (the prompt recorded, the responses attending to it), and the reference is its own compiled copy:
     had it called the policy's compiled code, every loss would stay log 2."""
-    monkeypatch.setattr(dpo, "SHARE_MIN_SAVING", 0.0)  # share these short prompts too
+    monkeypatch.setattr(fast, "SHARE_MIN_SAVING", 0.0)  # share these short prompts too
     pairs = synthetic_pairs(24)
     a, ha = dpo.train(tiny_cfg(tmp_path / "a", steps=2, model="random:1,2,32"), pairs[:16], pairs[16:], log=quiet)
     b, hb = dpo.train(tiny_cfg(tmp_path / "b", steps=2, model="random:1,2,32", compile=True), pairs[:16], pairs[16:],
@@ -198,7 +199,7 @@ def test_distinct_rows_scored_once_give_the_same_logps_and_grouped_order():
     assert full["input_ids"].shape[0] == 12 and distinct["input_ids"].shape[0] == 4
     torch.testing.assert_close(dpo.batch_logps(m, distinct), dpo.batch_logps(m, full), atol=1e-5, rtol=0)
     groups = [{"group": g} for g in (0, 0, 1, 1, 1, 2)]
-    order = dpo.epoch_order(groups, torch.Generator().manual_seed(0))
+    order = data.epoch_order(groups, torch.Generator().manual_seed(0))
     assert sorted(order) == list(range(6))
     runs = [groups[i]["group"] for i in order]
     for g in set(runs):  # each group's pairs are contiguous
