@@ -353,12 +353,11 @@ def fixed_pairs(n, prompt=8, response=48, seed=0):
 
 def hh_pairs(n=256, max_length=512):
     import data
-    import dpo
     pairs = data.read_hh(os.path.join(os.environ.get("DPO_HH", os.path.join(HERE, "..", "shared", "data", "hh-rlhf")),
                                       "harmless-base-test.jsonl.gz"))[:n]
     items = [data.tokenize_pair(p["prompt"], p["chosen"], p["rejected"], max_length, max_length // 2) for p in pairs]
     items = [{k: it[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for it in items]
-    order = dpo.epoch_order(items, torch.Generator().manual_seed(0))  # dpo.train's order for seed 0, epoch 0
+    order = data.epoch_order(items, torch.Generator().manual_seed(0))  # dpo.train's order for seed 0, epoch 0
     return [items[i] for i in order]
 
 

@@ -33,6 +33,7 @@ import data
 from machinery.fast import logps as response_logps
 from machinery.hf import from_pretrained
 from machinery.hub import resolve_checkpoint
+from machinery.tokenizers import hub_file, roberta_ids_from_gpt2
 from machinery.util import InputError, Progress, field
 from machinery.util import parse_args as util_parse_args
 
@@ -156,9 +157,9 @@ class RobertaReward:
     BowClassifier's interface: score(token_lists) -> (N,) float32.
 
     RoBERTa's BPE is GPT-2's with other ids, so GPT-2 tokens become RoBERTa input by a table
-    (data.roberta_ids_from_gpt2). Each token list is first decoded to text (EOS dropped) and re-encoded: a
-    sampled token sequence need not be the BPE of its own text, and the classifier was trained on the latter,
-    as its tokenizer would give it. Rows are scored in batches of similar length (sorted), at most max_len
+    (machinery.tokenizers.roberta_ids_from_gpt2). Each token list is first decoded to text (EOS dropped) and
+    re-encoded: a sampled token sequence need not be the BPE of its own text, and the classifier was trained on
+    the latter, as its tokenizer would give it. Rows are scored in batches of similar length (sorted), at most max_len
     tokens each (<s> and </s> included; longer texts keep their start)."""
 
     def __init__(self, model, vocab_json, positive, batch_size=32, max_len=512):
@@ -171,7 +172,7 @@ class RobertaReward:
         into model.resolve_checkpoint's cache folder. InputError when the files cannot be had (offline)."""
         folder = resolve_checkpoint(name_or_dir)
         try:
-            vocab_json = data.hub_file(name_or_dir, "vocab.json")
+            vocab_json = hub_file(name_or_dir, "vocab.json")
         except FileNotFoundError:
             raise InputError(f"{name_or_dir}: no vocab.json (RoBERTa's token ids) beside the weights; "
                              f"copy it from the model's hub page into {folder}") from None
@@ -188,7 +189,7 @@ class RobertaReward:
         out = torch.zeros(len(ids))  # (N,)
         for s in range(0, len(order), self.batch_size):
             rows = order[s:s + self.batch_size]
-            input_ids, mask = data.roberta_ids_from_gpt2([ids[i] for i in rows], self.vocab_json, self.max_len)  # (b, T)
+            input_ids, mask = roberta_ids_from_gpt2([ids[i] for i in rows], self.vocab_json, self.max_len)  # (b, T)
             logits = self.model.classify(input_ids.to(device), mask.to(device)).float()  # (b, num_labels)
             p = logits[:, 0].sigmoid() if logits.size(1) == 1 else logits.softmax(-1)[:, self.positive]  # (b,)
             out[rows] = p.cpu()

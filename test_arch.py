@@ -283,8 +283,8 @@ def test_dpo_trains_a_neox_model_with_its_own_tokenizer(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     import random
 
-    import data
     import dpo
+    import machinery.tokenizers as mtok
     from tokenizers import decoders, models, pre_tokenizers, trainers
     words = "the a movie film plot actor scene story was is very good bad excellent awful".split()
     rng = random.Random(0)
@@ -303,7 +303,7 @@ def test_dpo_trains_a_neox_model_with_its_own_tokenizer(tmp_path):
     tok.save(str(folder / "tokenizer.json"))
     pairs = [{"prompt": " ".join(rng.choice(words) for _ in range(4)), "chosen": " excellent film", "rejected": " awful film"}
              for _ in range(24)]
-    ours = data.load_tokenizer(str(folder))
+    ours = mtok.load_tokenizer(str(folder))
     assert ours.eos_id == 0 and ours.encode(pairs[0]["prompt"]) == tok.encode(pairs[0]["prompt"]).ids
     tcfg = dpo.TrainConfig(model=str(folder), out=str(tmp_path / "run"), batch_size=8, micro_batch_size=4, steps=3,
                            optimizer="adamw", lr=1e-3, warmup_steps=0, eval_every=3, save_every=3, device="cpu")
@@ -313,7 +313,7 @@ def test_dpo_trains_a_neox_model_with_its_own_tokenizer(tmp_path):
     assert history[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-5) and len(history) == 3
     ckpt = tmp_path / "run" / "checkpoint"
     assert (ckpt / "tokenizer.json").read_text() == (folder / "tokenizer.json").read_text()
-    assert data.load_tokenizer(str(ckpt)).encode("the movie") == tok.encode("the movie").ids
+    assert mtok.load_tokenizer(str(ckpt)).encode("the movie") == tok.encode("the movie").ids
     reloaded = from_pretrained(str(ckpt))
     assert reloaded.config.model_type == "gpt_neox"
     for p, q in zip(policy.parameters(), reloaded.parameters()):

@@ -77,3 +77,32 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
     assert dpo.main(args) == 0
     assert "SFT: cached" in capsys.readouterr().out
     assert json.load(open(out / "results.json")) == rows
+
+
+@pytest.mark.skipif(not os.path.exists(IMDB), reason=f"IMDb archive not found at {IMDB} (set DPO_IMDB)")
+def test_small_run_holds_out_one_prefix(tmp_path, capsys):
+    # under 20 prefixes no group % 20 == 19 exists: the last prefix is held out instead (it used to end in a
+    # traceback: reference log-probs of an empty held-out split)
+    out = tmp_path / "imdb"
+    args = ["--task", "imdb", "--preset", "cpu", "--out", str(out), "--imdb", IMDB, "--model", "scratch:1,2,32",
+            "--sft-tokens", "8000", "--n-prefixes", "16", "--max-new-tokens", "6", "--betas", "0.1",
+            "--alphas", "0.1", "--batch-size", "12", "--micro-batch-size", "6", "--eval-prompts", "8",
+            "--classifier-epochs", "1", "--max-reviews", "300", "--device", "cpu"]
+    assert dpo.main(args) == 0
+    assert "from 16 prefixes" in capsys.readouterr().out
+    ref = torch.load(out / "reference_logps.pt")
+    groups = sorted({json.loads(l)["group"] for l in open(out / "pairs.jsonl")})
+    assert imdb.held_out_groups(groups) == {groups[-1]} and 0 < len(ref["eval"]) <= 6
+    assert (out / "results.json").exists()
+
+
+def test_held_out_rule_and_too_few_prefixes_refused_before_anything_runs(tmp_path, capsys):
+    assert imdb.held_out_groups(range(40)) == {19, 39}  # 5%: unchanged wherever it holds out a prefix
+    assert imdb.held_out_groups(range(16)) == {15} and imdb.held_out_groups([0]) == set()
+    out = tmp_path / "imdb"
+    args = ["--task", "imdb", "--preset", "cpu", "--out", str(out), "--imdb", str(tmp_path / "no-such-archive"),
+            "--n-prefixes", "2", "--batch-size", "12", "--device", "cpu"]
+    assert dpo.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--n-prefixes 2 " in err and "--n-prefixes 3 or more" in err, err
+    assert not out.exists()  # refused before reading IMDb, SFT or anything else

@@ -1,5 +1,5 @@
-"""Tests for the tokenizers of other models (data.py): a byte-level BPE tokenizer.json converted to tiktoken, with
-ids remapped as in GPT-NeoX/Pythia, and RoBERTa's ids from GPT-2 tokens; and eval.RobertaReward.
+"""Tests for the tokenizers of other models (machinery/tokenizers.py): a byte-level BPE tokenizer.json converted
+to tiktoken, with ids remapped as in GPT-NeoX/Pythia, and RoBERTa's ids from GPT-2 tokens; and eval.RobertaReward.
 
     TIKTOKEN_CACHE_DIR=../shared/tiktoken python -m pytest -q test_tokenizers.py
 
@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 from data import EOS, InputError  # noqa: E402
+import machinery.tokenizers as mtok  # noqa: E402  (ours; `tokenizers` is the oracle)
 
 tokenizers = pytest.importorskip("tokenizers", reason="tokenizers (test-only oracle) is not installed")
 
@@ -115,7 +116,7 @@ def hf_encode(hf, text, allow_special=False):
 @pytest.mark.parametrize("which", ["trained", "permuted", "prefix_space"])
 def test_converted_tokenizer_matches_tokenizers(trained, which):
     hf = tokenizers.Tokenizer.from_file(trained[which])
-    tok = data.tokenizer_from_json(trained[which])
+    tok = mtok.tokenizer_from_json(trained[which])
     if which != "trained":  # the ids really are out of merge order
         assert tok.to_id[256:] != sorted(tok.to_id[256:])
     assert tok.eos_id == 0 and tok.vocab_size == hf.get_vocab_size(with_added_tokens=True)
@@ -130,7 +131,7 @@ def test_converted_tokenizer_matches_tokenizers(trained, which):
 
 
 def test_special_tokens(trained):
-    tok = data.tokenizer_from_json(trained["permuted"])
+    tok = mtok.tokenizer_from_json(trained["permuted"])
     plain = tok.encode("a<|endoftext|>b<|padding|>")
     assert 0 not in plain and 1 not in plain and tok.decode(plain) == "a<|endoftext|>b<|padding|>"
     ids = tok.encode("a<|endoftext|>b<|padding|>", allow_special=True)
@@ -138,7 +139,7 @@ def test_special_tokens(trained):
     assert tok.encode("x  y") == [tok.encode("x")[0], tok.added["  "], tok.encode("y")[0]]  # an added run of spaces
     assert tok.decode(torch.tensor([0, 1])) == "<|endoftext|><|padding|>"
     assert tok.decode([10**6]) == ""  # an id with no token (a padded embedding row) decodes to nothing
-    assert data.tokenizer_from_json(trained["permuted"], eos_id=1).eos_id == 1
+    assert mtok.tokenizer_from_json(trained["permuted"], eos_id=1).eos_id == 1
 
 
 def test_gpt2_sized_neox_permutation(tmp_path):
@@ -148,7 +149,7 @@ def test_gpt2_sized_neox_permutation(tmp_path):
     hf = hf_tokenizer(neox_like({**vocab, "<|padding|>": len(vocab)}), merges, normalizer="NFC",
                       special=["<|endoftext|>", "<|padding|>"], added=[" " * n for n in (2, 4, 8, 24)])
     hf.save(str(tmp_path / "neox.json"))
-    tok = data.tokenizer_from_json(str(tmp_path / "neox.json"))
+    tok = mtok.tokenizer_from_json(str(tmp_path / "neox.json"))
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     for text in TEXTS + fuzz_texts(100, seed=3) + [readme]:
@@ -159,43 +160,43 @@ def test_gpt2_sized_neox_permutation(tmp_path):
 
     os.makedirs(tmp_path / "gpt2")
     hf_tokenizer(vocab, merges, special=["<|endoftext|>"]).save(str(tmp_path / "gpt2" / "tokenizer.json"))
-    converted = data.tokenizer_from_json(str(tmp_path / "gpt2" / "tokenizer.json"))
+    converted = mtok.tokenizer_from_json(str(tmp_path / "gpt2" / "tokenizer.json"))
     for text in TEXTS + [readme]:
         assert converted.encode(text) == data.encode(text)  # the conversion of GPT-2 is GPT-2
-    assert data.load_tokenizer(str(tmp_path / "gpt2")) is data.gpt2_tokenizer()
+    assert mtok.load_tokenizer(str(tmp_path / "gpt2")) is mtok.gpt2_tokenizer()
     os.makedirs(tmp_path / "neox")
     os.replace(tmp_path / "neox.json", tmp_path / "neox" / "tokenizer.json")
     with open(tmp_path / "neox" / "config.json", "w") as f:
         json.dump({"eos_token_id": 0}, f)
-    neox = data.load_tokenizer(str(tmp_path / "neox"))
+    neox = mtok.load_tokenizer(str(tmp_path / "neox"))
     assert neox.eos_id == 0 and neox.encode("Hello world") == hf_encode(hf, "Hello world")
 
 
 def test_load_tokenizer_gpt2_cases(tmp_path):
-    gpt2 = data.gpt2_tokenizer()
+    gpt2 = mtok.gpt2_tokenizer()
     assert gpt2.eos_id == EOS and gpt2.vocab_size == 50257 and gpt2.encode("Hello world") == [15496, 995]
     assert gpt2.decode([15496, 995, EOS]) == "Hello world<|endoftext|>"
     assert gpt2.encode("<|endoftext|>", allow_special=True) == [EOS] and EOS not in gpt2.encode("<|endoftext|>")
     for spec in (None, "gpt2", "openai-community/gpt2-large", "random:2,2,64", "scratch", str(tmp_path)):
-        assert data.load_tokenizer(spec) is gpt2  # no tokenizer.json in tmp_path: our checkpoints are GPT-2's
+        assert mtok.load_tokenizer(spec) is gpt2  # no tokenizer.json in tmp_path: our checkpoints are GPT-2's
 
 
 def test_unsupported_tokenizer_json(tmp_path):
     from tokenizers import models
     tokenizers.Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(tmp_path / "wp.json"))
     with pytest.raises(InputError, match="model type 'WordPiece' is not supported"):
-        data.tokenizer_from_json(str(tmp_path / "wp.json"))
+        mtok.tokenizer_from_json(str(tmp_path / "wp.json"))
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="not a readable tokenizer.json"):
-        data.tokenizer_from_json(str(tmp_path / "bad.json"))
+        mtok.tokenizer_from_json(str(tmp_path / "bad.json"))
 
 
 def test_tokenize_pair_with_another_tokenizer(trained):
-    tok = data.tokenizer_from_json(trained["permuted"])
+    tok = mtok.tokenizer_from_json(trained["permuted"])
     item = data.tokenize_pair("Review: the movie", " was great", " was bad", tokenizer=tok)
     assert item["prompt_ids"] == tok.encode("Review: the movie")
     assert item["chosen_ids"] == tok.encode(" was great") + [0] and item["rejected_ids"][-1] == 0
-    assert data.tokenize_pair("a", "b", "c") == data.tokenize_pair("a", "b", "c", tokenizer=data.gpt2_tokenizer())
+    assert data.tokenize_pair("a", "b", "c") == data.tokenize_pair("a", "b", "c", tokenizer=mtok.gpt2_tokenizer())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,24 +229,24 @@ def test_roberta_ids_match_transformers(roberta_files):
     oracle = roberta_oracle(vocab_json, merges_txt)
     texts = [t for t in TEXTS + fuzz_texts(100, seed=4) if t] + ["a long review " * 40]
     for max_len in (512, 16):
-        ids, mask = data.roberta_ids_from_gpt2([data.encode(t) for t in texts], vocab_json, max_len=max_len)
+        ids, mask = mtok.roberta_ids_from_gpt2([data.encode(t) for t in texts], vocab_json, max_len=max_len)
         want = oracle(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
     # an independent plain loop for one text, EOS dropped, and the framing of an empty list
     text = "I loved this film! 😀"
-    by_hand = [vocab["".join(data.byte_alphabet()[b] for b in data.get_encoding().decode_single_token_bytes(t))]
+    by_hand = [vocab["".join(mtok.byte_alphabet()[b] for b in data.get_encoding().decode_single_token_bytes(t))]
                for t in data.encode(text)]
-    ids, mask = data.roberta_ids_from_gpt2([[EOS] + data.encode(text) + [EOS], []], vocab_json)
+    ids, mask = mtok.roberta_ids_from_gpt2([[EOS] + data.encode(text) + [EOS], []], vocab_json)
     assert ids[0].tolist() == [0] + by_hand + [2] and ids[1].tolist() == [0, 2] + [1] * len(by_hand)
     assert mask.sum(1).tolist() == [len(by_hand) + 2, 2]
 
 
 def test_byte_alphabet():
-    alphabet = data.byte_alphabet()
+    alphabet = mtok.byte_alphabet()
     assert len(set(alphabet)) == 256 and alphabet[ord(" ")] == "Ġ" and alphabet[ord("\n")] == "Ċ" and alphabet[65] == "A"
-    assert data.token_bytes("Ġthe") == b" the" and data.token_bytes("".join(alphabet)) == bytes(range(256))
+    assert mtok.token_bytes("Ġthe") == b" the" and mtok.token_bytes("".join(alphabet)) == bytes(range(256))
     vocab = gpt2_vocab()  # GPT-2's own file spells every token in this alphabet
-    assert all(data.token_bytes(t) == data.get_encoding().decode_single_token_bytes(i) for t, i in vocab.items()
+    assert all(mtok.token_bytes(t) == data.get_encoding().decode_single_token_bytes(i) for t, i in vocab.items()
                if i != EOS)
 
 

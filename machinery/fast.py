@@ -293,6 +293,8 @@ def reference_logps(reference, items, micro_batch_size, device, dtype="float32",
                     share_prompt=True, pad_id=EOS):
     """Reference log-probs of every pair, (P, 2) [chosen, rejected]: one pass, so that a training run
     (or every run of a beta sweep) needs no reference model in memory. show=False: no progress line."""
+    if not items:  # no pairs (an empty held-out split): nothing to batch
+        return torch.zeros(0, 2)
     reference.eval()
     out = torch.zeros(len(items), 2)  # (P, 2)
     bar = Progress(len(items), label="reference log-probs", unit="pairs", stream=None if show else io.StringIO())

@@ -21,31 +21,21 @@ import torch
 
 import eval as ev
 import sft
-from data import EOS, decode, load_tokenizer, read_imdb
+from data import EOS, decode, read_imdb
 from machinery.fast import reference_logps
 from machinery.hf import from_pretrained, save_pretrained
 from machinery.lora import train_only_head
+from machinery.tokenizers import load_tokenizer
 from machinery.util import InputError, field, pick_device
 from model import GPT
 
 IMDB_PRESETS = {
-    # The paper's setup (one GPU): gpt2-large fine-tuned for one epoch of IMDb train, 25,000 prefixes
-    # (150,000 pairs), DPO with RMSprop lr 1e-6, warm-up 150, 64 pairs a step, evaluated every 100 steps.
+    # The paper's setup (one GPU): gpt2-large, one epoch of SFT, 25,000 prefixes, DPO with RMSprop at lr 1e-6.
     "gpu": dict(model="gpt2-large", sft_tokens=0, sft_lr=1e-5, sft_batch_size=16, n_prefixes=25_000,
                 max_new_tokens=48, betas="0.05,0.1,1,5", alphas="0.01,0.1", optimizer="rmsprop", lr=1e-6,
                 warmup_steps=150, batch_size=64, micro_batch_size=8, baseline_lr=1e-6, eval_every=100,
                 eval_prompts=512, sample_batch_size=128, adam_eps=1e-8, trainable="all"),
-    # Two CPU cores, offline, in about 12 minutes: a small GPT trained from scratch, 2,400 prefixes (14,400 pairs),
-    # AdamW at a larger rate (a from-scratch model needs far larger steps than 1e-6), each run evaluated at 4
-    # points. Every method trains the output head only (--trainable head; the paper trains everything): the
-    # 4-block model's hidden states stay the SFT model's, and a policy can only shift each token's logit
-    # (linearly in the hidden state, a constant shift included). The KL-optimal policy pi_ref * exp(r / beta) is
-    # close to that form when the reward is nearly a sum over tokens, as this bag-of-tokens reward is; the tiny
-    # model's blocks, when they train too, spend KL on changes that buy no reward. Measured with beta 0.1 (DPO,
-    # one epoch, 256 test prefixes, 1,200 prefixes unless said): all weights, lr 4e-4, AdamW epsilon 1e-3: 0.672
-    # at KL 1.22, 0.737 at 2.65; head only, lr 4e-4: 0.696 at 0.85, 0.734 at 1.28; head only, lr 6e-4: 0.789
-    # at 2.78 with seed 0 but 0.737 at 2.68 with seed 1; 2,400 prefixes, head only, lr 4e-4, seed 1: 0.759 at
-    # 1.99, 0.846 at 3.95 (beta 0.05: 0.792 at 2.23): more pairs, a better frontier.
+    # Two CPU cores, offline, in about 12 minutes: a small GPT trained from scratch, 2,400 prefixes, head only.
     "cpu": dict(model="scratch", sft_tokens=500_000, sft_lr=5e-3, sft_batch_size=16, n_prefixes=2400,
                 max_new_tokens=24, betas="0.05,0.1,0.5,1", alphas="0.01,0.1", optimizer="adamw", lr=4e-4,
                 warmup_steps=10, batch_size=48, micro_batch_size=48, baseline_lr=2e-4, eval_every=0,
@@ -130,11 +120,34 @@ def _cached_json(path, compute, what):
     return result
 
 
+def held_out_groups(groups):
+    """The prefixes whose pairs are held out (5%): every 20th (group % 20 == 19), or, with too few prefixes
+    for one of those to have pairs, the last prefix (none when there is only one)."""
+    held = {g for g in range(len(groups)) if g % 20 == 19} & set(groups)
+    return held or (set(sorted(groups)[-1:]) if len(groups) >= 2 else set())
+
+
+def check_size(cfg):
+    """Refuses, before anything is trained, a run whose training pairs cannot fill one batch."""
+    per_prefix = cfg.n_samples * (cfg.n_samples - 1) // 2  # pairs of one prefix's samples, at most (ties: fewer)
+    if per_prefix < 1:
+        raise InputError(f"--n-samples {cfg.n_samples}: a preference pair needs at least 2 samples per prefix")
+    most = lambda n: (n - len(held_out_groups(range(n)))) * per_prefix  # noqa: E731 (training pairs, at most)
+    if most(cfg.n_prefixes) < cfg.batch_size:
+        need = cfg.n_prefixes + 1
+        while most(need) < cfg.batch_size:
+            need += 1
+        raise InputError(f"--n-prefixes {cfg.n_prefixes} gives at most {most(cfg.n_prefixes)} training pairs, fewer "
+                         f"than one batch (--batch-size {cfg.batch_size}): use --n-prefixes {need} or more, or a "
+                         f"smaller --batch-size")
+
+
 def run(cfg, train, TrainConfig, log=print):
     """The whole IMDb experiment; returns the result rows (method, beta/alpha, step, reward, KL, ...).
     train and TrainConfig are dpo.py's, passed in by dpo.main: the pipeline drives the trainer without
-    importing dpo.py back."""
+    importing dpo.py back. Each stage below caches its result under cfg.out."""
     cfg = cfg.resolved()
+    check_size(cfg)
     device = pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     times, t_start = {}, time.time()
@@ -143,13 +156,39 @@ def run(cfg, train, TrainConfig, log=print):
     def stage(name):
         times[name] = time.time() - t_start - sum(times.values())
 
+    train_reviews, test_reviews = read_reviews(cfg)
+    stage("read IMDb")
+    sft_dir, sft_model = sft_stage(cfg, train_reviews, device, log)
+    stage("SFT")
+    classifier, clf_acc = reward_stage(cfg, train_reviews, test_reviews, device, log)
+    stage("reward model")
+    train_pairs, eval_pairs = pairs_stage(cfg, train_reviews, sft_model, classifier, device, log)
+    stage("pairs")
+    ref_lp = reference_stage(cfg, sft_model, train_pairs, eval_pairs, device)
+    stage("reference log-probs")
+    runs = dpo_stage(cfg, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp, device, log)
+    runs += baseline_stages(cfg, sft_dir, train_pairs, device, log)
+    stage("training")
+    rows = evaluation_stage(cfg, runs, sft_dir, sft_model, classifier, test_reviews, device)
+    stage("evaluation")
+    report(cfg, rows, clf_acc, times, t_start, log)
+    return rows
+
+
+def read_reviews(cfg):
+    """IMDb train and test reviews (--max-reviews: a seeded random subset of each)."""
     train_reviews, test_reviews = read_imdb("train", cfg.imdb), read_imdb("test", cfg.imdb)
     if cfg.max_reviews:
-        pick = lambda rs: [rs[i] for i in torch.randperm(len(rs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_reviews].tolist()]
+        def pick(reviews):  # the first of a seeded permutation (the same seed for both splits)
+            order = torch.randperm(len(reviews), generator=torch.Generator().manual_seed(cfg.seed))
+            return [reviews[i] for i in order[:cfg.max_reviews].tolist()]
         train_reviews, test_reviews = pick(train_reviews), pick(test_reviews)
-    stage("read IMDb")
+    return train_reviews, test_reviews
 
-    # 1. SFT
+
+def sft_stage(cfg, train_reviews, device, log):
+    """1. SFT: the base model (or a scratch GPT) trained on IMDb train reviews, saved in out/sft.
+    Returns the folder and the frozen SFT model (the reference, and the sampler of the pairs)."""
     sft_dir = os.path.join(cfg.out, "sft")
     if os.path.exists(os.path.join(sft_dir, "model.safetensors")):
         log(f"SFT: cached in {sft_dir}")
@@ -176,10 +215,12 @@ def run(cfg, train, TrainConfig, log=print):
         sft.train_lm(model, tokens, steps, cfg.sft_batch_size, seq_len, cfg.sft_lr,
                      generator=torch.Generator().manual_seed(cfg.seed), log=log)
         save_pretrained(model, sft_dir)
-    sft_model = from_pretrained(sft_dir, device=device).requires_grad_(False)
-    stage("SFT")
+    return sft_dir, from_pretrained(sft_dir, device=device).requires_grad_(False)
 
-    # 2. the ground-truth reward
+
+def reward_stage(cfg, train_reviews, test_reviews, device, log):
+    """2. The ground-truth reward r*(x, y) = P(positive | x + y) and its test accuracy: the bag-of-tokens
+    classifier (trained here, out/classifier.pt) or, with --reward siebert or a folder, a RoBERTa one."""
     classifier = None  # --reward siebert or a folder: a RoBERTa sentiment classifier (the paper's choice)
     if cfg.reward != "bow":
         try:
@@ -201,9 +242,12 @@ def run(cfg, train, TrainConfig, log=print):
                            lambda: {"test_accuracy": ev.accuracy(classifier, acc_reviews), "n": len(acc_reviews)},
                            "classifier accuracy")
     log(f"reward classifier: {100 * clf_acc['test_accuracy']:.1f}% on {clf_acc['n']} test reviews")
-    stage("reward model")
+    return classifier, clf_acc
 
-    # 3. preference pairs
+
+def pairs_stage(cfg, train_reviews, sft_model, classifier, device, log):
+    """3. Preference pairs (out/pairs.jsonl): n_samples completions of each train-review prefix from the SFT
+    model, scored by r*, every pair of them; split into training pairs and held-out ones (held_out_groups)."""
     pairs_path = os.path.join(cfg.out, "pairs.jsonl")
     if os.path.exists(pairs_path):
         with open(pairs_path) as f:
@@ -223,26 +267,33 @@ def run(cfg, train, TrainConfig, log=print):
         with open(pairs_path + ".tmp", "w") as f:
             f.writelines(json.dumps(pr) + "\n" for pr in pairs)
         os.replace(pairs_path + ".tmp", pairs_path)
-    n_groups = len({p["group"] for p in pairs})
-    held_out = {g for g in range(n_groups) if g % 20 == 19}  # 5% of the prefixes: held-out pairs
+    groups = {p["group"] for p in pairs}
+    held_out = held_out_groups(groups)
     train_pairs = [p for p in pairs if p["group"] not in held_out]
     eval_pairs = [p for p in pairs if p["group"] in held_out]
-    log(f"pairs: {len(pairs)} from {n_groups} prefixes ({len(train_pairs)} train, {len(eval_pairs)} held out)")
-    stage("pairs")
+    log(f"pairs: {len(pairs)} from {len(groups)} prefixes ({len(train_pairs)} train, {len(eval_pairs)} held out)")
+    if len(train_pairs) < cfg.batch_size:
+        raise InputError(f"{pairs_path}: {len(train_pairs)} training pairs, fewer than one batch (--batch-size "
+                         f"{cfg.batch_size}): use more --n-prefixes (and a new --out) or a smaller --batch-size")
+    return train_pairs, eval_pairs
 
-    # reference log-probs: one pass, reused by every run of the beta sweep
+
+def reference_stage(cfg, sft_model, train_pairs, eval_pairs, device):
+    """Reference log-probs (out/reference_logps.pt): one pass, reused by every run of the beta sweep."""
     ref_path = os.path.join(cfg.out, "reference_logps.pt")
     if os.path.exists(ref_path):
-        ref_lp = torch.load(ref_path)
-    else:
-        ref_lp = {"train": reference_logps(sft_model, train_pairs, cfg.micro_batch_size, device),  # pairs carry ids
-                  "eval": reference_logps(sft_model, eval_pairs, cfg.micro_batch_size, device)}
-        torch.save(ref_lp, ref_path + ".tmp")
-        os.replace(ref_path + ".tmp", ref_path)
-    stage("reference log-probs")
+        return torch.load(ref_path)
+    ref_lp = {"train": reference_logps(sft_model, train_pairs, cfg.micro_batch_size, device),  # pairs carry ids
+              "eval": reference_logps(sft_model, eval_pairs, cfg.micro_batch_size, device)}
+    torch.save(ref_lp, ref_path + ".tmp")
+    os.replace(ref_path + ".tmp", ref_path)
+    return ref_lp
 
-    # 4. policies. DPO: the project's trainer, checkpoints kept along training.
-    runs = []  # (method, label key, value, checkpoint folders)
+
+def dpo_stage(cfg, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp, device, log):
+    """4a. DPO for each beta of the sweep: the project's trainer (dpo.py's train, passed in), checkpoints
+    kept along training (out/dpo-beta{beta}/step-N). Returns (method, key, beta, folder, step) per checkpoint."""
+    runs = []  # (method, label key, value, checkpoint folder, step)
     steps_per_run = len(train_pairs) // cfg.batch_size
     every = cfg.eval_every or max(1, math.ceil(steps_per_run / 4))  # 0: a quarter, half, three quarters, the end
     for beta in [float(b) for b in cfg.betas.split(",")]:
@@ -259,7 +310,14 @@ def run(cfg, train, TrainConfig, log=print):
             open(os.path.join(out, "done"), "w").close()
         steps = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step-"))
         runs += [("DPO", "beta", beta, os.path.join(out, f"step-{s}"), s) for s in steps]
-    # Baselines, trained with the same optimiser family, data and number of passes as DPO
+    return runs
+
+
+def baseline_stages(cfg, sft_dir, train_pairs, device, log):
+    """4b. Preferred-FT (SFT on the chosen completions) and Unlikelihood (each alpha), trained with the same
+    optimiser family, data and number of passes as DPO (sft.train_sequences). Returns their runs as dpo_stage."""
+    runs = []
+    steps_per_run = len(train_pairs) // cfg.batch_size
     prompts_ = [p["prompt_ids"] for p in train_pairs]
     chosen_, rejected_ = [p["chosen_ids"] for p in train_pairs], [p["rejected_ids"] for p in train_pairs]
     baselines = [("Preferred-FT", None, None, "nll")] + [("Unlikelihood", "alpha", float(a), "unlikelihood")
@@ -277,15 +335,17 @@ def run(cfg, train, TrainConfig, log=print):
                                 groups=[p["group"] for p in train_pairs])
             save_pretrained(model, out)
         runs.append((method, key, value, out, steps_per_run))
-    stage("training")
+    return runs
 
-    # 5. evaluation: the policy's own samples on prefixes of test reviews
+
+def evaluation_stage(cfg, runs, sft_dir, sft_model, classifier, test_reviews, device):
+    """5. Evaluation on prefixes of IMDb test reviews: mean r* and KL(pi || pi_SFT) of each policy's own
+    samples (one each), cached per policy in its folder's eval.json. Returns the rows, SFT first."""
     eval_prompts = ev.imdb_prompts(test_reviews, cfg.eval_prompts, generator=torch.Generator().manual_seed(cfg.seed + 1))
 
     def evaluate(policy):
-        r = ev.evaluate(policy, sft_model, classifier, eval_prompts, 1, cfg.max_new_tokens,
-                        torch.Generator(device).manual_seed(cfg.seed + 2), cfg.sample_batch_size)
-        return r
+        return ev.evaluate(policy, sft_model, classifier, eval_prompts, 1, cfg.max_new_tokens,
+                           torch.Generator(device).manual_seed(cfg.seed + 2), cfg.sample_batch_size)
 
     rows = [{"method": "SFT", **_cached_json(os.path.join(sft_dir, "eval.json"), lambda: evaluate(sft_model), "SFT eval"),
              "step": 0}]
@@ -293,8 +353,12 @@ def run(cfg, train, TrainConfig, log=print):
         res = _cached_json(os.path.join(folder, "eval.json"),
                            lambda: evaluate(from_pretrained(folder, device=device)), f"{method} eval")
         rows.append({"method": method, **({key: value} if key else {}), "step": step, **res})
-    stage("evaluation")
+    return rows
 
+
+def report(cfg, rows, clf_acc, times, t_start, log):
+    """results.csv/json, frontier.png and summary.json in out; the table, the stage times and one sample
+    per method printed."""
     ev.write_table(rows, os.path.join(cfg.out, "results.csv"), os.path.join(cfg.out, "results.json"))
     ev.plot_frontier(rows, os.path.join(cfg.out, "frontier.png"))
     total = time.time() - t_start
@@ -313,4 +377,3 @@ def run(cfg, train, TrainConfig, log=print):
         json.dump({"times_s": times, "total_s": total, "classifier_accuracy": clf_acc["test_accuracy"],
                    "config": dataclasses.asdict(cfg)}, f, indent=1)
     log(f"wrote {cfg.out}/results.csv, results.json, frontier.png, summary.json")
-    return rows
