@@ -79,7 +79,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import read_hh, read_jsonl_pairs, tokenize_pair
-from machinery import imdb, memory
+import imdb
+from machinery import memory
 from machinery.fast import batch_logps, keep_freed_memory, make_batch, micro_batches, shares_prompt
 from machinery.runtime import Run, StepStats, TrainingError, all_reduce_sum, check_flags, model_tokenizer, shard
 from machinery.util import InputError, autocast, field

@@ -33,6 +33,7 @@ import data
 from machinery.fast import logps as response_logps
 from machinery.hf import from_pretrained
 from machinery.hub import resolve_checkpoint
+from machinery.roberta import RobertaClassifier
 from machinery.tokenizers import hub_file, roberta_ids_from_gpt2
 from machinery.util import InputError, Progress, field
 from machinery.util import parse_args as util_parse_args
@@ -177,7 +178,10 @@ class RobertaReward:
             raise InputError(f"{name_or_dir}: no vocab.json (RoBERTa's token ids) beside the weights; "
                              f"copy it from the model's hub page into {folder}") from None
         model = from_pretrained(folder, dtype=dtype, device=device)
-        max_len = min(512, model.config.block_size - getattr(model.config, "pos_offset", 0))  # RoBERTa: 514 - 2
+        if not isinstance(model, RobertaClassifier):
+            raise InputError(f"{name_or_dir}: config.json model_type {model.config.model_type!r} is not a RoBERTa "
+                             f"sequence classifier (roberta); pass one such as {SIEBERT}")
+        max_len = min(512, model.config.block_size - model.config.pos_offset)  # RoBERTa: 514 - 2
         return cls(model, vocab_json, positive_label(os.path.join(folder, "config.json")), batch_size, max_len)
 
     @torch.no_grad()

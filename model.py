@@ -1,10 +1,13 @@
-"""The model: a GPT in one file. GPT-2 first (Radford et al. 2019); GPT-J and GPT-NeoX/Pythia differ from it by the
-labelled branches of GPTConfig (rotary positions, a parallel residual). KV-cache sampling and per-token log-probs.
+"""The model: a GPT in one file. GPT-2 first (Radford et al. 2019), readable on its own: GPTConfig, Attention, MLP,
+Block, GPT. GPT-J and GPT-NeoX/Pythia differ from it by the labelled deltas of GPTConfig (rotary positions, a
+parallel residual, untied heads), whose code is the branches marked "GPT-J/NeoX" and the rotary section below the
+model. Then KV-cache sampling and per-token log-probs.
 
     python -c "from model import GPT, GPTConfig; print(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64)))"
 
 Hugging Face checkpoints in and out are machinery/hf.py (it builds a GPT from a folder or hub name); the
-fast paths (the chunked output head, shared prompts, compile) are machinery/fast.py. This file imports
+fast paths (the chunked output head, shared prompts, compile) are machinery/fast.py; the RoBERTa reward
+classifier, an encoder built from this file's Attention and MLP, is machinery/roberta.py. This file imports
 only torch.
 
 Shape notation: B batch rows, T time, C channels (n_embd), V vocabulary, nh heads, hs head size.
@@ -17,36 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------
-# Per-token log-probabilities: the one place logits become log pi(y_t | x, y_<t). Used by dpo.py
-# (sequence log-probs) and eval.py (KL to the reference), so it lives at the bottom of the imports.
-
-def token_logps(logits, labels):
-    """log softmax(logits)[labels] in float32, without shifting.
-
-    Args:
-        logits: (N, T, V) any float dtype; row t is the distribution over labels[:, t].
-        labels: (N, T) int64 token ids.
-    Returns:
-        (N, T) float32 (float64 for float64 logits). The log-softmax runs in float32 even for bf16/fp16 logits: in half
-        precision the logsumexp over 50k entries loses the small probabilities and gives NaN/-inf.
-    """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64 (tests)
-    return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-# ----------------------------------------------------------------------------------------------
-# The model. One class for every architecture: differences are config flags (rotary embeddings, a
-# parallel residual with one or two LayerNorms, untied heads with or without bias, post-LayerNorm, a
-# bidirectional encoder with a classification head), set from config.json by config_from_hf.
-
 @dataclasses.dataclass
 class GPTConfig:
-    """Model shape and architecture flags. The defaults are GPT-2 (Radford et al. 2019); config_from_hf sets
-    the flags that reproduce GPT-J-6B (Wang & Komatsuzaki 2021), GPT-NeoX-20B/Pythia (Black et al. 2022,
-    arXiv:2204.06745; Biderman et al. 2023, arXiv:2304.01373) and RoBERTa (Liu et al. 2019, arXiv:1907.11692)."""
+    """Model shape and architecture flags. The defaults are GPT-2 (Radford et al. 2019); config_from_hf sets the
+    GPT-J/NeoX deltas that reproduce GPT-J-6B (Wang & Komatsuzaki 2021) and GPT-NeoX-20B/Pythia (Black et al.
+    2022, arXiv:2204.06745; Biderman et al. 2023, arXiv:2304.01373)."""
     vocab_size: int = 50257
-    block_size: int = 1024          # longest sequence (learned position table size; pos_offset included)
+    block_size: int = 1024          # longest sequence (the learned position table's size)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -55,24 +35,17 @@ class GPTConfig:
     bias: bool = True               # biases in the Linears and LayerNorms
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_new"    # GPT-2's tanh approximation of GELU ("gelu" for the exact one)
-    pos_embedding: str = "learned"  # "learned" absolute table (GPT-2, RoBERTa) or "rotary" (RoFormer, arXiv:2104.09864)
-    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)) (GPT-NeoX/GPT-J) instead of sequential
     tie_word_embeddings: bool = True  # output head shares the token embedding (GPT-2)
-    causal: bool = True             # False gives a bidirectional encoder
-    model_type: str = "gpt2"        # the Hugging Face layout save_pretrained writes: gpt2, gptj, gpt_neox, roberta
+    model_type: str = "gpt2"        # the Hugging Face layout save_pretrained writes: gpt2, gptj, gpt_neox
+    # GPT-J/NeoX deltas
+    pos_embedding: str = "learned"  # "learned" absolute table (GPT-2) or "rotary" (RoFormer, arXiv:2104.09864)
     rotary_dim: int | None = None   # rotary: the first rotary_dim dims of each head rotate (None = all hs)
     rotary_base: float = 10000.0    # rotary: frequencies base^(-2i/rotary_dim)
     rotary_interleaved: bool = False  # rotary pairs (2i, 2i+1) (GPT-J) instead of (i, i + rotary_dim/2) (GPT-NeoX)
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)) (GPT-NeoX/GPT-J) instead of sequential
     shared_layernorm: bool = False  # parallel block with ONE LayerNorm: x + attn(ln_1(x)) + mlp(ln_1(x)) (GPT-J)
     attn_bias: bool | None = None   # biases in the attention projections; None follows `bias` (GPT-J: False)
     lm_head_bias: bool = False      # a bias on the output head (GPT-J)
-    post_layernorm: bool = False    # x = ln_1(x + attn(x)); x = ln_2(x + mlp(x)), no ln_f (BERT/RoBERTa)
-    embedding_layernorm: bool = False  # LayerNorm on the summed embeddings (BERT/RoBERTa)
-    type_vocab_size: int = 0        # token-type (segment) table; type 0 is added to every token (RoBERTa)
-    pos_offset: int = 0             # learned position of token t is t + pos_offset (RoBERTa: padding_idx + 1 = 2)
-    pad_token_id: int | None = None  # classify() masks this token when no attention_mask is given (RoBERTa: 1)
-    num_labels: int = 0             # > 0: a sequence-classification head (dense, tanh, out_proj) instead of lm_head
-    labels: tuple = ()              # optional names of the num_labels classes (Hugging Face id2label)
 
     def __post_init__(self):
         def need(ok, msg):
@@ -84,19 +57,14 @@ class GPTConfig:
              f"pos_embedding {self.pos_embedding!r} is not supported ('learned' or 'rotary')")
         need(self.activation in ("gelu_new", "gelu"),
              f"activation {self.activation!r} is not supported ('gelu_new' or 'gelu')")
-        need(self.model_type in ("gpt2", "gptj", "gpt_neox", "roberta"),
-             f"model_type {self.model_type!r} is not supported (gpt2, gptj, gpt_neox or roberta)")
+        need(self.model_type in ("gpt2", "gptj", "gpt_neox"),
+             f"model_type {self.model_type!r} is not supported (gpt2, gptj or gpt_neox)")
         if self.pos_embedding == "rotary":
             self.rotary_dim = hs if self.rotary_dim is None else self.rotary_dim
             need(0 < self.rotary_dim <= hs and self.rotary_dim % 2 == 0,
                  f"rotary_dim {self.rotary_dim} must be even and between 2 and the head size {hs}")
         need(not self.shared_layernorm or self.parallel_residual, "shared_layernorm needs parallel_residual")
-        need(not (self.post_layernorm and self.parallel_residual), "post_layernorm and parallel_residual exclude each other")
-        need(0 <= self.pos_offset < self.block_size, f"pos_offset {self.pos_offset} must lie in [0, block_size)")
         self.attn_bias = self.bias if self.attn_bias is None else self.attn_bias
-        self.labels = tuple(self.labels)
-        need(not self.labels or len(self.labels) == self.num_labels,
-             f"{len(self.labels)} labels for num_labels {self.num_labels}")
 
     @classmethod
     def named(cls, name, **overrides):
@@ -109,44 +77,6 @@ class GPTConfig:
         return cls(**{"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, **overrides})
 
 
-class KVCache:
-    """Keys and values of every layer for generation, preallocated to the final length."""
-
-    def __init__(self, config, B, T_max, dtype, device):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, B, config.n_head, T_max, hs)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos = 0  # positions filled so far
-
-    def update(self, layer, k, v):
-        T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, nh, pos+T, hs)
-
-
-def rotary_tables(position_ids, config):
-    """Rotary position embedding (RoFormer, arXiv:2104.09864): the angles position * base^(-2i/d) for the
-    d = rotary_dim / 2 pairs of dimensions. position_ids (B or 1, T) -> cos, sin (B or 1, 1, T, d) in float32."""
-    d = config.rotary_dim
-    inv_freq = 1.0 / config.rotary_base ** (torch.arange(0, d, 2, device=position_ids.device, dtype=torch.float32) / d)
-    angles = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, d/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x, cos, sin, interleaved):
-    """Rotates each pair (x1, x2) of the first rotary_dim dims of x (B, nh, T, hs) by its angle, in float32:
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). GPT-J pairs dims (2i, 2i+1) ("rotate every two"), GPT-NeoX
-    pairs (i, i + rotary_dim/2) ("rotate half"); the remaining hs - rotary_dim dims pass unchanged."""
-    d = 2 * cos.size(-1)
-    rot, rest = x[..., :d].float(), x[..., d:]
-    x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if interleaved else rot.chunk(2, dim=-1)  # (B, nh, T, d/2) each
-    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    rot = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)  # (B, nh, T, d)
-    return torch.cat((rot.to(x.dtype), rest), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -156,10 +86,11 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.attn_bias)
 
     def forward(self, x, mask, cache=None, rope=None):
+        """mask: True (causal kernel), False (no mask) or a boolean (B, 1, T, past+T) mask of allowed keys."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if rope is not None:  # rotary: rotate q and k before k enters the cache
+        if rope is not None:  # GPT-J/NeoX: rotate q and k before k enters the cache
             q, k = apply_rotary(q, *rope, self.interleaved), apply_rotary(k, *rope, self.interleaved)
         if cache is not None:
             k, v = self.cached(cache, k, v)  # (B, nh, past+T, hs)
@@ -168,7 +99,7 @@ class Attention(nn.Module):
                                            is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def cached(self, cache, k, v):  # (GPT.compile_blocks keeps this out of the compiled graph)
+    def cached(self, cache, k, v):  # (machinery/fast.py's compile_blocks keeps this out of the compiled graph)
         return cache.update(self.layer, k, v)
 
 
@@ -187,7 +118,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.parallel, self.post_ln = config.parallel_residual, config.post_layernorm
+        self.parallel = config.parallel_residual
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = Attention(config, layer)
         self.ln_2 = (None if config.shared_layernorm else  # GPT-J: ln_1 feeds the MLP too
@@ -196,11 +127,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, mask, cache=None, rope=None):
-        if self.post_ln:  # BERT/RoBERTa: normalise after each residual sum
-            x = self.ln_1(x + self.drop(self.attn(x, mask, cache, rope)))
-            return self.ln_2(x + self.drop(self.mlp(x)))
         h = self.ln_1(x)
-        if self.parallel:  # attention and MLP both read x; GPT-J feeds both the same ln_1(x)
+        if self.parallel:  # GPT-J/NeoX: attention and MLP both read x; GPT-J feeds both the same ln_1(x)
             m = self.mlp(h if self.ln_2 is None else self.ln_2(x))
             return x + self.drop(self.attn(h, mask, cache, rope)) + self.drop(m)
         x = x + self.drop(self.attn(h, mask, cache, rope))
@@ -213,16 +141,12 @@ class GPT(nn.Module):
         self.config = c = config
         C = c.n_embd
         self.wte = nn.Embedding(c.vocab_size, C)
-        self.wpe = nn.Embedding(c.block_size, C) if c.pos_embedding == "learned" else None
-        self.wtt = nn.Embedding(c.type_vocab_size, C) if c.type_vocab_size else None  # token types (RoBERTa)
-        self.ln_e = nn.LayerNorm(C, eps=c.layer_norm_eps, bias=c.bias) if c.embedding_layernorm else None
+        self.wpe = nn.Embedding(c.block_size, C) if c.pos_embedding == "learned" else None  # GPT-J/NeoX: rotary
         self.drop = nn.Dropout(c.dropout)
         self.h = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
-        self.ln_f = None if c.post_layernorm else nn.LayerNorm(C, eps=c.layer_norm_eps, bias=c.bias)
-        self.lm_head = None if c.num_labels else nn.Linear(C, c.vocab_size, bias=c.lm_head_bias)
-        self.cls_dense = nn.Linear(C, C) if c.num_labels else None  # classification head (RoBERTa), see classify
-        self.cls_proj = nn.Linear(C, c.num_labels) if c.num_labels else None
-        if c.tie_word_embeddings and self.lm_head is not None:
+        self.ln_f = nn.LayerNorm(C, eps=c.layer_norm_eps, bias=c.bias)
+        self.lm_head = nn.Linear(C, c.vocab_size, bias=c.lm_head_bias)
+        if c.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
@@ -252,9 +176,8 @@ class GPT(nn.Module):
         B, T = idx.shape
         c = self.config
         past = cache.pos if cache is not None else 0
-        if past + T + c.pos_offset > c.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {c.block_size}"
-                             + (f" - pos_offset {c.pos_offset}" if c.pos_offset else ""))
+        if past + T > c.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {c.block_size}")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]  # (B, T)
@@ -262,14 +185,10 @@ class GPT(nn.Module):
                 position_ids = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
         mask = self._attention_mask(attention_mask, T, past, idx.device)
         x = self.wte(idx)  # (B, T, C)
-        if self.wtt is not None:
-            x = x + self.wtt.weight[0]  # token type 0 on every token
         if self.wpe is not None:
-            x = x + self.wpe(position_ids + c.pos_offset)
-        if self.ln_e is not None:
-            x = self.ln_e(x)
+            x = x + self.wpe(position_ids)
         x = self.drop(x)
-        rope = rotary_tables(position_ids, c) if c.pos_embedding == "rotary" else None  # cos, sin (B, 1, T, rd/2)
+        rope = rotary_tables(position_ids, c) if c.pos_embedding == "rotary" else None  # GPT-J/NeoX: cos, sin
         # activation checkpointing (dpo.py --grad-checkpoint); not with a cache, which a recompute would update twice
         checkpointing = (getattr(self, "grad_checkpoint", False) and self.training and torch.is_grad_enabled()
                          and cache is None)
@@ -280,47 +199,29 @@ class GPT(nn.Module):
                 x = block(x, mask, cache, rope)
         if cache is not None:
             cache.pos += T
-        if self.ln_f is not None:
-            x = self.ln_f(x)
+        x = self.ln_f(x)
         if return_hidden:
             return x
-        self._need_lm_head()
         return self.lm_head(x)  # (B, T, V)
 
-    def classify(self, idx, attention_mask=None):
-        """Sequence-classification logits (B, num_labels) from the first token (<s>) of each row of idx (B, T):
-        out_proj(tanh(dense(h_0))), as RobertaForSequenceClassification. Pad on the right; attention_mask
-        (B, T) masks the padding as keys (default: idx != config.pad_token_id)."""
-        if self.cls_proj is None:
-            raise ValueError("classify() needs a classification head (config.num_labels > 0, e.g. a RoBERTa classifier)")
-        if attention_mask is None and self.config.pad_token_id is not None:
-            attention_mask = (idx != self.config.pad_token_id).long()
-        h = self(idx, attention_mask=attention_mask, return_hidden=True)[:, 0]  # (B, C)
-        return self.cls_proj(self.drop(torch.tanh(self.cls_dense(self.drop(h)))))  # (B, num_labels)
-
-    def _need_lm_head(self):
-        if self.lm_head is None:
-            raise ValueError("this model has a classification head, not a language-model head: use classify(); "
-                             "forward logits, logps and generate need a causal language model")
-
     def _attention_mask(self, attention_mask, T, past, device):
-        """True (plain causal kernel), False (no mask: bidirectional) or a boolean (B, 1, T, past+T) mask."""
-        causal = self.config.causal
-        if attention_mask is None or (causal and past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())):
+        """True (plain causal kernel), False (no mask: one new token sees every past key) or a boolean
+        (B, 1, T, past+T) mask: causal, and padded keys (attention_mask 0) masked."""
+        if attention_mask is None or (past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())):
             if past == 0:
-                return causal  # no padding, or right padding under a causal mask: nothing to mask beyond causality
-            if causal and T == 1:
+                return True  # no padding, or right padding under a causal mask: nothing to mask beyond causality
+            if T == 1:
                 return False  # one new token with a cache sees every past key
         q = torch.arange(past, past + T, device=device).view(T, 1)
         k = torch.arange(past + T, device=device).view(1, past + T)
-        allowed = (k <= q) if self.config.causal else torch.ones(T, past + T, dtype=torch.bool, device=device)
+        allowed = k <= q
         if attention_mask is not None:
             # every query keeps itself, so a padded query never has an all-masked row (NaN in softmax)
             allowed = allowed & (attention_mask[:, None, None, :].bool() | (k == q))
         return allowed.expand(attention_mask.size(0) if attention_mask is not None else 1, 1, T, past + T)
 
     # ------------------------------------------------------------------------------------------
-    # Sampling
+    # Sampling (the KV cache and sample_next are below the rotary section)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=50256,
@@ -336,7 +237,6 @@ class GPT(nn.Module):
         Returns (tokens (B, n), mask (B, n)) with n <= max_new_tokens; mask is 1 on generated tokens.
         """
         device = self.wte.weight.device
-        self._need_lm_head()
         if torch.is_tensor(prompts):
             prompts = prompts.tolist()
         B, P = len(prompts), max(len(p) for p in prompts)
@@ -374,6 +274,51 @@ class GPT(nn.Module):
         return torch.stack(out, 1), torch.stack(out_mask, 1).long()
 
 
+# ----------------------------------------------------------------------------------------------
+# GPT-J/NeoX: rotary position embeddings (pos_embedding="rotary"). The other deltas are branches above: the
+# parallel residual (and GPT-J's shared LayerNorm) in Block, attention/head biases and untied heads in GPTConfig.
+
+def rotary_tables(position_ids, config):
+    """Rotary position embedding (RoFormer, arXiv:2104.09864): the angles position * base^(-2i/d) for the
+    d = rotary_dim / 2 pairs of dimensions. position_ids (B or 1, T) -> cos, sin (B or 1, 1, T, d) in float32."""
+    d = config.rotary_dim
+    inv_freq = 1.0 / config.rotary_base ** (torch.arange(0, d, 2, device=position_ids.device, dtype=torch.float32) / d)
+    angles = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, d/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin, interleaved):
+    """Rotates each pair (x1, x2) of the first rotary_dim dims of x (B, nh, T, hs) by its angle, in float32:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). GPT-J pairs dims (2i, 2i+1) ("rotate every two"), GPT-NeoX
+    pairs (i, i + rotary_dim/2) ("rotate half"); the remaining hs - rotary_dim dims pass unchanged."""
+    d = 2 * cos.size(-1)
+    rot, rest = x[..., :d].float(), x[..., d:]
+    x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if interleaved else rot.chunk(2, dim=-1)  # (B, nh, T, d/2) each
+    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    rot = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)  # (B, nh, T, d)
+    return torch.cat((rot.to(x.dtype), rest), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: the KV cache GPT.generate fills, and one token per row from the logits.
+
+class KVCache:
+    """Keys and values of every layer for generation, preallocated to the final length."""
+
+    def __init__(self, config, B, T_max, dtype, device):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, B, config.n_head, T_max, hs)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = 0  # positions filled so far
+
+    def update(self, layer, k, v):
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, nh, pos+T, hs)
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from logits (B, V). Inverse-CDF sampling (a uniform draw located in the
     cumulative distribution with searchsorted) gives the same distribution as torch.multinomial and is
@@ -392,3 +337,21 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
     u = 1.0 - torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)  # (0, 1]
     return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=cdf.size(-1) - 1).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token log-probabilities: the one place logits become log pi(y_t | x, y_<t). Used by dpo.py
+# (sequence log-probs), machinery/fast.py (the chunked head) and eval.py (KL to the reference).
+
+def token_logps(logits, labels):
+    """log softmax(logits)[labels] in float32, without shifting.
+
+    Args:
+        logits: (N, T, V) any float dtype; row t is the distribution over labels[:, t].
+        labels: (N, T) int64 token ids.
+    Returns:
+        (N, T) float32 (float64 for float64 logits). The log-softmax runs in float32 even for bf16/fp16 logits: in half
+        precision the logsumexp over 50k entries loses the small probabilities and gives NaN/-inf.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64 (tests)
+    return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -1,5 +1,5 @@
-"""Tests for the GPT-J, GPT-NeoX (Pythia) and RoBERTa-classifier paths of model.py: logits against
-transformers (a test-only oracle on random-initialised tiny models saved with save_pretrained), rotary
+"""Tests for the GPT-J and GPT-NeoX (Pythia) paths of model.py and the RoBERTa classifier (machinery/roberta.py):
+logits against transformers (a test-only oracle on random-initialised tiny models saved with save_pretrained), rotary
 embeddings under left padding and the KV cache, save_pretrained round trips, and config.json errors.
 
     python -m pytest -q -s test_arch.py      # -s prints the largest logit difference per architecture
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from machinery.hf import config_to_hf, from_pretrained, save_pretrained
+from machinery.roberta import EncoderConfig, RobertaClassifier
 from machinery.safetensors import load_safetensors, save_safetensors
 from machinery.util import InputError
 from model import GPT, GPTConfig
@@ -263,17 +264,16 @@ def test_flag_validation_and_head_errors():
     with pytest.raises(ValueError, match="a gpt2 checkpoint cannot express parallel_residual=True"):
         config_to_hf(GPTConfig(**SHAPE, parallel_residual=True))
     torch.manual_seed(0)
-    enc = GPT(GPTConfig(**SHAPE, vocab_size=V, block_size=32, model_type="roberta", causal=False, post_layernorm=True,
-                        embedding_layernorm=True, type_vocab_size=1, pos_offset=2, pad_token_id=1, num_labels=2))
+    enc = RobertaClassifier(EncoderConfig(**SHAPE, vocab_size=V, block_size=32, type_vocab_size=1, pos_offset=2,
+                                          pad_token_id=1, num_labels=2))
     idx = torch.randint(3, V, (2, 9))
     assert enc.classify(idx).shape == (2, 2)
-    for call in (lambda: enc(idx), lambda: enc.logps(idx, torch.ones_like(idx)), lambda: enc.generate([[5]], 2)):
-        with pytest.raises(ValueError, match="classification head, not a language-model head"):
-            call()
+    with pytest.raises(ValueError, match="classification head, not a language-model head"):
+        enc(idx)  # no logits per token (return_hidden=True gives the hidden states)
+    assert not hasattr(enc, "generate") and not hasattr(enc, "logps")  # an encoder neither samples nor scores tokens
     with pytest.raises(ValueError, match="exceeds block_size 32 - pos_offset 2"):
         enc.classify(torch.randint(3, V, (1, 31)))
-    with pytest.raises(ValueError, match="classify\\(\\) needs a classification head"):
-        GPT(GPTConfig(**SHAPE, vocab_size=V)).classify(idx)
+    assert not hasattr(GPT(GPTConfig(**SHAPE, vocab_size=V)), "classify")  # a GPT has no classification head
 
 
 def test_dpo_trains_a_neox_model_with_its_own_tokenizer(tmp_path):

@@ -15,7 +15,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "
 IMDB = os.environ.get("DPO_IMDB", os.path.join(HERE, "..", "shared", "data", "aclImdb_v1.tar.gz"))
 
 import dpo
-from machinery import imdb
+import imdb
 from machinery.hf import from_pretrained
 from data import EOS, encode
 from model import GPT

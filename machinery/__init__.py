@@ -1,6 +1,7 @@
 """The machinery: everything a reader does not need to follow the paper, each file reached from the scripts by
 one named call and opening with what it is (for an optimisation: the plain code it equals and the test that
-proves it). The reader's path is the top level: model.py -> dpo.py -> data.py -> sft.py, eval.py.
+proves it). The reader's path is the top level: model.py -> dpo.py -> data.py -> sft.py, eval.py, and imdb.py
+(the paper's IMDb experiment in stages) above them.
 
     util.py         InputError (one-line errors), the progress line, the command-line builder, device choice
     hub.py          Hugging Face hub downloads by hand (resumable, atomic)
@@ -12,5 +13,4 @@ proves it). The reader's path is the top level: model.py -> dpo.py -> data.py ->
     fast.py         the fast log-prob paths (chunked head, shared prompts, micro-batches by length, compile)
     runtime.py      run plumbing: processes (DDP/FSDP), the run folder, resume, checkpoints, numeric guards, metrics
     memory.py       memory planning (--estimate-memory)
-    imdb.py         the IMDb experiment (--task imdb) in stages
 """

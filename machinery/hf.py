@@ -1,7 +1,8 @@
 """Hugging Face checkpoints by hand: config.json dialects (GPT-2, GPT-J, GPT-NeoX/Pythia, RoBERTa), the key tables
-from their parameter names to ours, and the loaders that build a GPT from a checkpoint folder or hub name and
-write one back. No `transformers` import: test_model.py and test_arch.py compare our logits with transformers'
-on random-initialised checkpoints saved by its save_pretrained, and ours load back in transformers.
+from their parameter names to ours, and the loaders that build a GPT (for RoBERTa, machinery/roberta.py's
+RobertaClassifier) from a checkpoint folder or hub name and write one back. No `transformers` import:
+test_model.py and test_arch.py compare our logits with transformers' on random-initialised checkpoints saved
+by its save_pretrained, and ours load back in transformers.
 
     python -c "from machinery.hf import from_pretrained; print(from_pretrained('gpt2').config)"
 
@@ -16,6 +17,7 @@ import shutil
 import torch
 
 from machinery.hub import WEIGHT_FILES, read_json, resolve_checkpoint
+from machinery.roberta import EncoderConfig, RobertaClassifier
 from machinery.safetensors import load_safetensors, save_safetensors
 from machinery.util import InputError
 from model import GPT, GPTConfig
@@ -28,16 +30,16 @@ def from_pretrained(name_or_dir, dtype=torch.float32, device="cpu"):
     model.safetensors.index.json, or pytorch_model.bin and its index), or a hub name such as
     'gpt2' or 'openai-community/gpt2-large', downloaded once into $DPO_CACHE/hub. The weights are
     read shard by shard from a memory map straight into `dtype` on `device`, so a checkpoint is
-    never held in memory twice.
+    never held in memory twice. Returns a GPT, or a RobertaClassifier (machinery/roberta.py) for model_type roberta.
     """
     folder = resolve_checkpoint(name_or_dir)
     config = config_from_hf(os.path.join(folder, "config.json"))
     with torch.device("meta"):
-        model = GPT(config)
+        model = RobertaClassifier(config) if isinstance(config, EncoderConfig) else GPT(config)
     model.to_empty(device=device)
     if dtype != torch.float32:
         model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)  # still empty: no copy of weights
-    if config.tie_word_embeddings and model.lm_head is not None:
+    if isinstance(config, GPTConfig) and config.tie_word_embeddings:
         model.lm_head.weight = model.wte.weight  # to_empty/_apply allocate each name separately: tie again
     expected = dict(model.named_parameters())  # the tied lm_head.weight appears once, as wte.weight
     loaded = {}  # our name -> elements copied (GPT-J's q, k, v each fill a third of c_attn)
@@ -132,8 +134,9 @@ def read_tensors(path):
 
 
 def config_from_hf(path):
-    """GPTConfig from a Hugging Face config.json: model_type gpt2, gptj, gpt_neox (GPT-NeoX, Pythia) or roberta
-    (RobertaForSequenceClassification). Unsupported settings raise InputError naming the file."""
+    """GPTConfig from a Hugging Face config.json of model_type gpt2, gptj or gpt_neox (GPT-NeoX, Pythia); an
+    EncoderConfig (machinery/roberta.py) for roberta (RobertaForSequenceClassification). Unsupported settings
+    raise InputError naming the file."""
     hf = read_json(path)
     if not isinstance(hf, dict):
         raise InputError(f"{path}: expected a JSON object of settings; copy config.json from the model's hub page")
@@ -144,7 +147,7 @@ def config_from_hf(path):
         return _config_from_dict(hf, path)
     except InputError:
         raise
-    except ValueError as e:  # GPTConfig's own checks, e.g. rotary_dim larger than the head
+    except ValueError as e:  # the config's own checks, e.g. rotary_dim larger than the head
         raise InputError(f"{path}: {e}") from None
 
 
@@ -211,20 +214,29 @@ def _config_from_dict(hf, path):
     id2label = hf.get("id2label") or {}
     labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
     num_labels = hf.get("num_labels") or len(labels) or 2  # transformers' default is 2
-    return GPTConfig(model_type=mt, vocab_size=V, block_size=hf.get("max_position_embeddings", 512), n_layer=L, n_head=H,
-                     n_embd=C, n_inner=inner, layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-                     activation=activation("hidden_act", "gelu"), causal=False, post_layernorm=True,
-                     embedding_layernorm=True, type_vocab_size=hf.get("type_vocab_size", 2), pos_offset=pad + 1,
-                     pad_token_id=pad, num_labels=num_labels, labels=labels if len(labels) == num_labels else (),
-                     tie_word_embeddings=False)
+    return EncoderConfig(vocab_size=V, block_size=hf.get("max_position_embeddings", 512), n_layer=L, n_head=H,
+                         n_embd=C, n_inner=inner, layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+                         activation=activation("hidden_act", "gelu"), type_vocab_size=hf.get("type_vocab_size", 2),
+                         pos_offset=pad + 1, pad_token_id=pad, num_labels=num_labels,
+                         labels=labels if len(labels) == num_labels else ())
 
 
 def config_to_hf(config, dtype=torch.float32):
     """The config.json of config.model_type's Hugging Face layout. Raises ValueError when the flags are not
     that architecture's (e.g. a GPT-2 with parallel_residual): transformers would load it as a different model."""
     c, hs = config, config.n_embd // config.n_head
-    drop, tied, dt = c.dropout, c.tie_word_embeddings, str(dtype).removeprefix("torch.")
-    if c.model_type == "gpt2":
+    drop, dt = c.dropout, str(dtype).removeprefix("torch.")
+    tied = getattr(c, "tie_word_embeddings", False)  # an EncoderConfig has no output head to tie
+    if isinstance(c, EncoderConfig):
+        labels = c.labels or tuple(f"LABEL_{i}" for i in range(c.num_labels))
+        hf = {"architectures": ["RobertaForSequenceClassification"], "model_type": "roberta", "vocab_size": c.vocab_size,
+              "max_position_embeddings": c.block_size, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+              "hidden_size": c.n_embd, "intermediate_size": c.n_inner or 4 * c.n_embd, "hidden_act": c.activation,
+              "layer_norm_eps": c.layer_norm_eps, "type_vocab_size": c.type_vocab_size, "pad_token_id": c.pad_token_id,
+              "bos_token_id": 0, "eos_token_id": 2, "position_embedding_type": "absolute",
+              "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)},
+              "hidden_dropout_prob": drop, "attention_probs_dropout_prob": drop, "torch_dtype": dt}
+    elif c.model_type == "gpt2":
         hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
               "n_positions": c.block_size, "n_ctx": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head,
               "n_embd": c.n_embd, "n_inner": c.n_inner, "activation_function": c.activation,
@@ -246,19 +258,10 @@ def config_to_hf(config, dtype=torch.float32):
                                                                  "partial_rotary_factor": pct},
               "rotary_pct": pct, "rotary_emb_base": c.rotary_base,  # the keys of transformers < 5
               "attention_dropout": drop, "hidden_dropout": drop, "tie_word_embeddings": tied, "torch_dtype": dt}
-    else:
-        labels = c.labels or tuple(f"LABEL_{i}" for i in range(c.num_labels))
-        hf = {"architectures": ["RobertaForSequenceClassification"], "model_type": "roberta", "vocab_size": c.vocab_size,
-              "max_position_embeddings": c.block_size, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-              "hidden_size": c.n_embd, "intermediate_size": c.n_inner or 4 * c.n_embd, "hidden_act": c.activation,
-              "layer_norm_eps": c.layer_norm_eps, "type_vocab_size": c.type_vocab_size, "pad_token_id": c.pad_token_id,
-              "bos_token_id": 0, "eos_token_id": 2, "position_embedding_type": "absolute",
-              "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)},
-              "hidden_dropout_prob": drop, "attention_probs_dropout_prob": drop, "torch_dtype": dt}
     # the file must describe this very model: read it back and compare (dropout and label names aside)
     def norm(x):
-        return dataclasses.replace(x, dropout=0.0, n_inner=x.n_inner or 4 * x.n_embd, labels=(),
-                                   tie_word_embeddings=x.tie_word_embeddings and not x.num_labels)
+        x = dataclasses.replace(x, dropout=0.0, n_inner=x.n_inner or 4 * x.n_embd)
+        return dataclasses.replace(x, labels=()) if isinstance(x, EncoderConfig) else x
     try:
         back = _config_from_dict(hf, "config")
     except ValueError as e:

@@ -56,7 +56,6 @@ def train_only_head(model):
     """Freezes every weight except the output head (lm_head weight, and its bias if any), in place; returns the
     model. The hidden states then never change, and training can only shift each token's logit by a
     context-dependent amount linear in the (fixed) last hidden state. (A tied head is the token embedding.)"""
-    model._need_lm_head()
     model.requires_grad_(False)
     model.lm_head.requires_grad_(True)
     return model

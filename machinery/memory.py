@@ -48,8 +48,9 @@ def model_shape(spec):
 def count_params(c):
     """Parameters of GPT(c), counted from the shape (equal to GPT(c).num_params(), tested): token (and
     learned position) embeddings, per block the LayerNorm(s), attention (c_attn C x 3C, c_proj C x C) and
-    MLP (c_fc C x I, c_proj I x C) with their biases, the final LayerNorm and an untied output head.
-    Reads flags with getattr, so a namespace of the main shape fields is enough."""
+    MLP (c_fc C x I, c_proj I x C) with their biases, the final LayerNorm and an untied output head; for an
+    EncoderConfig, RobertaClassifier(c)'s (machinery/roberta.py: token types, embedding LayerNorm, no final
+    LayerNorm, a classification head). Reads flags with getattr, so a namespace of the main shape fields is enough."""
     C, L, V = c.n_embd, c.n_layer, c.vocab_size
     I = getattr(c, "n_inner", None) or 4 * C
     bias = getattr(c, "bias", True)
