@@ -2,7 +2,7 @@
 reviews and preference pairs (JSONL, Anthropic HH). Other models' tokenizers are in machinery/tokenizers.py.
 
     DPO_IMDB=../shared/data/aclImdb_v1.tar.gz TIKTOKEN_CACHE_DIR=../shared/tiktoken \\
-    python -c "import data; r = data.read_imdb('test'); print(len(r), r[0]['rating'], data.encode(r[0]['text'])[:8])"
+    python -c "import data, os; r = data.read_imdb('test', os.environ['DPO_IMDB']); print(len(r), r[0]['rating'], data.encode(r[0]['text'])[:8])"
 
 Readers return plain lists of dicts; user mistakes raise InputError, one line naming the file (and line) and
 what to do. Nothing runs at import time.
@@ -24,10 +24,13 @@ import zlib
 import tiktoken
 import torch
 
-from machinery.hub import cache_dir, download
-from machinery.util import InputError
-
 EOS = 50256  # <|endoftext|>: appended to every response, and the padding id
+
+
+class InputError(ValueError):
+    """Bad input from the user: the message is one line naming the file (and line) and what to do.
+
+    Every command-line entry point catches it, prints `error: <message>` and exits with status 2."""
 
 # ----------------------------------------------------------------------------------------------
 # Tokens
@@ -193,28 +196,18 @@ _REVIEW = re.compile(r"(?:^|/)(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")  # {spl
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
-def imdb_path(path=None):
-    """Where the IMDb data is: `path`, else $DPO_IMDB, else <cache_dir()>/aclImdb_v1.tar.gz (downloaded if absent).
-    Either the .tar.gz archive or the extracted folder (`aclImdb/` itself or its parent) will do."""
-    path = path or os.environ.get("DPO_IMDB")
-    if path:
-        return path
-    dest = os.path.join(cache_dir(), "aclImdb_v1.tar.gz")
-    try:
-        return download(IMDB_URL, dest, what="IMDb")
-    except (InputError, FileNotFoundError) as e:  # offline or HTTP 404: keep download's reason, add the alternative
-        raise InputError(f"{e}, or set DPO_IMDB to the archive or its extracted aclImdb/ folder") from None
-
-
 def read_imdb(split="train", path=None):
     """The labelled reviews of one split as dicts {"text", "label" (1 pos, 0 neg), "rating" (1-4, 7-10), "id"},
-    sorted by label then id. "<br />" line breaks become "\\n"; `unsup/` and other files are ignored.
+    sorted by label then id. "<br />" line breaks become "\\n"; `unsup/` and other files are ignored. `path`: the
+    .tar.gz archive or the extracted folder (`aclImdb/` itself or its parent); machinery.hub.imdb_path finds it.
 
     The archive is streamed, never extracted; one pass parses both splits and the result is kept in memory
     for the process (keyed by path, size and mtime), so reading "train" then "test" costs one pass."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    path = imdb_path(path)
+    if path is None:
+        raise InputError("read_imdb needs the IMDb archive or folder: machinery.hub.imdb_path() finds it ($DPO_IMDB) "
+                         "or downloads it")
     st = os.stat(path) if os.path.exists(path) else None
     rows = _parse_imdb(os.path.abspath(path), st and (st.st_size, st.st_mtime_ns))[split]
     if not rows:
@@ -306,12 +299,9 @@ def split_hh(chosen, rejected):
     return chosen[:k], chosen[k:], rejected[k:]
 
 
-def read_hh(source):
-    """Pairs from Anthropic's HH-RLHF: `source` is a .jsonl(.gz) file with "chosen" and "rejected" transcripts,
-    or a name "subset/split" (e.g. "harmless-base/test"; subsets HH_SUBSETS, splits train/test). A name
-    resolves to $DPO_HH/<subset>/<split>.jsonl.gz (or $DPO_HH/<subset>-<split>.jsonl.gz) when $DPO_HH names
-    a folder, else to <cache_dir()>/hh-rlhf/<subset>/<split>.jsonl.gz, downloaded from HH_URL if absent."""
-    path = _hh_path(source)
+def read_hh(path):
+    """Pairs from Anthropic's HH-RLHF: `path` is a .jsonl(.gz) file with "chosen" and "rejected" transcripts (a
+    name such as "harmless-base/test" becomes that file with machinery.hub.hh_path, which downloads it)."""
     pairs = []
     for lineno, obj in _jsonl(path):
         chosen, rejected = _fields(path, lineno, obj, ("chosen", "rejected"))
@@ -322,33 +312,6 @@ def read_hh(source):
                              f"'\\n\\nHuman: ...\\n\\nAssistant: ...'") from None
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return _checked(path, pairs)
-
-
-def _hh_path(source):
-    """A local file as is; a name "subset/split" via $DPO_HH or the download cache."""
-    if os.path.exists(source):
-        return source
-    m = re.fullmatch(r"([\w-]+)/(train|test)", source)
-    if not m:
-        raise InputError(f"{source}: no such file, and not a name like harmless-base/test; pass a .jsonl(.gz) "
-                         f"file or one of {', '.join(HH_SUBSETS)} followed by /train or /test")
-    subset, split = m.groups()
-    if subset not in HH_SUBSETS:
-        raise InputError(f"{source}: unknown HH subset {subset!r}; use one of {', '.join(HH_SUBSETS)}")
-    if os.environ.get("DPO_HH"):
-        tries = [os.path.join(os.environ["DPO_HH"], subset, f"{split}.jsonl.gz"),
-                 os.path.join(os.environ["DPO_HH"], f"{subset}-{split}.jsonl.gz")]
-        found = [p for p in tries if os.path.isfile(p)]
-        if not found:
-            raise InputError(f"DPO_HH={os.environ['DPO_HH']}: holds neither {tries[0]} nor {tries[1]}; "
-                             f"put the file there or unset DPO_HH")
-        return found[0]
-    dest = os.path.join(cache_dir(), "hh-rlhf", subset, f"{split}.jsonl.gz")
-    url = HH_URL.format(subset=subset, split=split)
-    try:
-        return download(url, dest, what=f"hh-rlhf {source}")
-    except (InputError, FileNotFoundError) as e:
-        raise InputError(f"{e}, or set DPO_HH to a folder holding {subset}/{split}.jsonl.gz") from None
 
 
 def _json_type(x):

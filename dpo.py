@@ -78,12 +78,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import read_hh, read_jsonl_pairs, tokenize_pair
 import imdb
+from data import InputError, read_hh, read_jsonl_pairs, tokenize_pair
 from machinery import memory
 from machinery.fast import batch_logps, keep_freed_memory, make_batch, micro_batches, shares_prompt
+from machinery.hub import hh_path
 from machinery.runtime import Run, StepStats, TrainingError, all_reduce_sum, check_flags, model_tokenizer, shard
-from machinery.util import InputError, autocast, field
+from machinery.util import autocast, field
 from machinery.util import parse_args as util_parse_args
 from model import token_logps
 
@@ -429,7 +430,7 @@ def check_config(cfg):
 def load_pairs(cfg):
     """(train pairs, held-out pairs) as lists of {"prompt","chosen","rejected"} from the task's source."""
     if cfg.task == "hh":
-        read = read_hh
+        read = lambda source: read_hh(hh_path(source))  # noqa: E731  (a file, or a name found/downloaded)
         data = cfg.data or "harmless-base/train"
         eval_data = cfg.eval_data or (None if cfg.data else "harmless-base/test")
     elif cfg.task in ("jsonl", "imdb"):

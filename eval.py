@@ -30,12 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from data import InputError
 from machinery.fast import logps as response_logps
 from machinery.hf import from_pretrained
-from machinery.hub import resolve_checkpoint
+from machinery.hub import imdb_path, resolve_checkpoint
 from machinery.roberta import RobertaClassifier
 from machinery.tokenizers import hub_file, roberta_ids_from_gpt2
-from machinery.util import InputError, Progress, field
+from machinery.util import Progress, field
 from machinery.util import parse_args as util_parse_args
 
 
@@ -454,10 +455,10 @@ def run(cfg):
         clf = BowClassifier.load(cfg.classifier)
     else:
         t0 = time.time()
-        clf = train_classifier(data.read_imdb("train", cfg.imdb), epochs=cfg.classifier_epochs,
+        clf = train_classifier(data.read_imdb("train", imdb_path(cfg.imdb)), epochs=cfg.classifier_epochs,
                                generator=torch.Generator().manual_seed(cfg.seed))
         train_s = time.time() - t0
-        test = data.read_imdb("test", cfg.imdb)
+        test = data.read_imdb("test", imdb_path(cfg.imdb))
         print(f"classifier: test accuracy {accuracy(clf, test):.4f} on {len(test):,} reviews | trained in {train_s:.1f} s")
         clf.save(cfg.classifier)
         print(f"saved {cfg.classifier}")
@@ -466,7 +467,7 @@ def run(cfg):
     policy = from_pretrained(cfg.policy, device=cfg.device).requires_grad_(False)
     reference = policy if not cfg.reference or cfg.reference == cfg.policy else \
         from_pretrained(cfg.reference, device=cfg.device).requires_grad_(False)
-    prompts = imdb_prompts(test or data.read_imdb("test", cfg.imdb), cfg.prompts,
+    prompts = imdb_prompts(test or data.read_imdb("test", imdb_path(cfg.imdb)), cfg.prompts,
                            generator=torch.Generator().manual_seed(cfg.seed))
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     result = evaluate(policy, reference, clf, prompts, cfg.samples, cfg.max_new_tokens, generator, cfg.batch_size,

@@ -21,12 +21,13 @@ import torch
 
 import eval as ev
 import sft
-from data import EOS, decode, read_imdb
+from data import EOS, InputError, decode, read_imdb
 from machinery.fast import reference_logps
 from machinery.hf import from_pretrained, save_pretrained
+from machinery.hub import imdb_path
 from machinery.lora import train_only_head
 from machinery.tokenizers import load_tokenizer
-from machinery.util import InputError, field, pick_device
+from machinery.util import field, pick_device
 from model import GPT
 
 IMDB_PRESETS = {
@@ -177,7 +178,7 @@ def run(cfg, train, TrainConfig, log=print):
 
 def read_reviews(cfg):
     """IMDb train and test reviews (--max-reviews: a seeded random subset of each)."""
-    train_reviews, test_reviews = read_imdb("train", cfg.imdb), read_imdb("test", cfg.imdb)
+    train_reviews, test_reviews = read_imdb("train", imdb_path(cfg.imdb)), read_imdb("test", imdb_path(cfg.imdb))
     if cfg.max_reviews:
         def pick(reviews):  # the first of a seeded permutation (the same seed for both splits)
             order = torch.randperm(len(reviews), generator=torch.Generator().manual_seed(cfg.seed))

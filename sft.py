@@ -27,9 +27,11 @@ import time
 import torch
 
 import data
+from data import InputError
 from machinery.fast import keep_freed_memory, logps
 from machinery.hf import from_pretrained, save_pretrained
-from machinery.util import InputError, Progress, field
+from machinery.hub import imdb_path
+from machinery.util import Progress, field
 from machinery.util import parse_args as util_parse_args
 from model import GPT, GPTConfig
 
@@ -336,8 +338,8 @@ def run(cfg):
     device = cfg.device or default_device()
     print(json.dumps(dataclasses.asdict(cfg)))
     t0 = time.time()
-    train_tokens = review_tokens(data.read_imdb("train", cfg.imdb))
-    test_tokens = review_tokens(data.read_imdb("test", cfg.imdb))
+    train_tokens = review_tokens(data.read_imdb("train", imdb_path(cfg.imdb)))
+    test_tokens = review_tokens(data.read_imdb("test", imdb_path(cfg.imdb)))
     print(f"IMDb: {len(train_tokens):,} train tokens, {len(test_tokens):,} test tokens ({time.time() - t0:.0f} s)")
     if cfg.init == "scratch":
         model = GPT(scratch_config()).to(device)

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
+from data import InputError
 from machinery.hf import config_to_hf, from_pretrained, save_pretrained
 from machinery.roberta import EncoderConfig, RobertaClassifier
 from machinery.safetensors import load_safetensors, save_safetensors
-from machinery.util import InputError
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers (test-only oracle) is not installed")

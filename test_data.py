@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 from data import EOS, InputError  # noqa: E402
+from machinery import hub  # noqa: E402
 
 REAL_IMDB = os.environ.get("DPO_IMDB") or os.path.join(HERE, "..", "shared", "data", "aclImdb_v1.tar.gz")
 REAL_HH = os.path.join(HERE, "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
@@ -149,8 +150,8 @@ def test_imdb_bad_inputs_name_the_path(tmp_path, tiny_archive):
 
 def test_imdb_path_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_IMDB", "/from/env")
-    assert data.imdb_path("/from/arg") == "/from/arg"
-    assert data.imdb_path() == "/from/env"
+    assert hub.imdb_path("/from/arg") == "/from/arg"
+    assert hub.imdb_path() == "/from/env"
     monkeypatch.delenv("DPO_IMDB")
     monkeypatch.setenv("DPO_CACHE", str(tmp_path))
     calls = []
@@ -158,9 +159,9 @@ def test_imdb_path_resolution(tmp_path, monkeypatch):
     def offline(url, dest, what=None):  # as model.download words it
         calls.append((url, dest))
         raise InputError(f"cannot download {url} (no network); you seem to be offline: download it by hand to {dest}")
-    monkeypatch.setattr(data, "download", offline)
+    monkeypatch.setattr(hub, "download", offline)
     with pytest.raises(InputError) as e:
-        data.imdb_path()
+        hub.imdb_path()
     assert calls == [(data.IMDB_URL, str(tmp_path / "aclImdb_v1.tar.gz"))]
     assert data.IMDB_URL in str(e.value) and "DPO_IMDB" in str(e.value) and str(tmp_path) in str(e.value)
     assert "\n" not in str(e.value)
@@ -297,9 +298,9 @@ def test_read_hh_local_file_and_errors(tmp_path):
     with pytest.raises(InputError, match=r'bad2.jsonl:2: missing key "rejected"; did you mean "rejcted"'):
         data.read_hh(bad)
     with pytest.raises(InputError, match="not a name like"):
-        data.read_hh(str(tmp_path / "missing.jsonl"))
+        data.read_hh(hub.hh_path(str(tmp_path / "missing.jsonl")))
     with pytest.raises(InputError, match="unknown HH subset"):
-        data.read_hh("harmful-base/test")
+        data.read_hh(hub.hh_path("harmful-base/test"))
 
 
 def test_read_hh_names(tmp_path, monkeypatch):
@@ -308,10 +309,10 @@ def test_read_hh_names(tmp_path, monkeypatch):
     write_lines(tmp_path / "hh" / "helpful-base" / "train.jsonl.gz", line, gz=True)
     write_lines(tmp_path / "hh" / "harmless-base-test.jsonl.gz", line, gz=True)
     monkeypatch.setenv("DPO_HH", str(tmp_path / "hh"))
-    assert len(data.read_hh("helpful-base/train")) == 1
-    assert len(data.read_hh("harmless-base/test")) == 1
+    assert len(data.read_hh(hub.hh_path("helpful-base/train"))) == 1
+    assert len(data.read_hh(hub.hh_path("harmless-base/test"))) == 1
     with pytest.raises(InputError, match="DPO_HH="):
-        data.read_hh("helpful-online/test")
+        data.read_hh(hub.hh_path("helpful-online/test"))
 
     monkeypatch.delenv("DPO_HH")
     monkeypatch.setenv("DPO_CACHE", str(tmp_path / "cache"))
@@ -322,16 +323,16 @@ def test_read_hh_names(tmp_path, monkeypatch):
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         write_lines(type(tmp_path)(dest), line, gz=True)
         return dest
-    monkeypatch.setattr(data, "download", fake_download)
-    assert len(data.read_hh("helpful-online/test")) == 1
+    monkeypatch.setattr(hub, "download", fake_download)
+    assert len(data.read_hh(hub.hh_path("helpful-online/test"))) == 1
     assert calls == [("https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/helpful-online/test.jsonl.gz",
                       str(tmp_path / "cache" / "hh-rlhf" / "helpful-online" / "test.jsonl.gz"))]
 
     def offline(url, dest, what=None):
         raise InputError(f"cannot download {url} (no network); you seem to be offline: download it by hand to {dest}")
-    monkeypatch.setattr(data, "download", offline)
+    monkeypatch.setattr(hub, "download", offline)
     with pytest.raises(InputError, match=r"helpful-base/test.jsonl.gz.*set DPO_HH to a folder holding"):
-        data.read_hh("helpful-base/test")
+        data.read_hh(hub.hh_path("helpful-base/test"))
 
 
 def test_read_hh_real_sample():

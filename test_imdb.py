@@ -16,8 +16,8 @@ IMDB = os.environ.get("DPO_IMDB", os.path.join(HERE, "..", "shared", "data", "ac
 
 import dpo
 import imdb
-from machinery.hf import from_pretrained
 from data import EOS, encode
+from machinery.hf import from_pretrained
 from model import GPT
 
 

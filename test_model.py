@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from data import InputError
 from machinery import fast, hub
 from machinery.hf import config_to_hf, from_pretrained, save_pretrained
 from machinery.safetensors import load_safetensors, save_safetensors
-from machinery.util import InputError
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers", reason="transformers (test-only oracle) is not installed")

@@ -34,9 +34,9 @@ import data  # noqa: E402
 import dpo  # noqa: E402
 import machinery.hf  # noqa: E402
 import shutil  # noqa: E402
+from data import InputError  # noqa: E402
 from machinery import hub, runtime  # noqa: E402
 from machinery.hf import from_pretrained, save_pretrained  # noqa: E402
-from machinery.util import InputError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 REAL_IMDB = os.environ.get("DPO_IMDB") or os.path.join(HERE, "..", "shared", "data", "aclImdb_v1.tar.gz")

@@ -18,11 +18,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken"))
 
 import dpo  # noqa: E402
-from data import collate_pairs, tokenize_pair  # noqa: E402
+from data import InputError, collate_pairs, tokenize_pair  # noqa: E402
 from machinery import fast, memory  # noqa: E402
 from machinery.hf import config_to_hf, from_pretrained, load_model, save_pretrained  # noqa: E402
 from machinery.lora import add_lora, lora_disabled, lora_merged, lora_state_dict  # noqa: E402
-from machinery.util import InputError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from test_train import quiet, synthetic_pairs, tiny_cfg, write_jsonl  # noqa: E402
 

@@ -15,8 +15,8 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(os.path
 
 import dpo
 import data
-from machinery import fast
 from data import collate_pairs, tokenize_pair
+from machinery import fast
 from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -16,10 +16,10 @@ import shutil
 
 import torch
 
+from data import InputError
 from machinery.hub import WEIGHT_FILES, read_json, resolve_checkpoint
 from machinery.roberta import EncoderConfig, RobertaClassifier
 from machinery.safetensors import load_safetensors, save_safetensors
-from machinery.util import InputError
 from model import GPT, GPTConfig
 
 

@@ -1,14 +1,17 @@
-"""Downloads from the Hugging Face hub, by hand (urllib): a resumable, atomic download with a progress line,
-and a hub model name resolved to a local folder of checkpoint files.
+"""Downloads by hand (urllib): a resumable, atomic download with a progress line; a hub model name resolved to a
+local folder of checkpoint files; the datasets' files found locally ($DPO_IMDB, $DPO_HH) or downloaded from their
+real addresses (data.IMDB_URL, data.HH_URL). data.py reads the local files.
 
     python -c "from machinery.hub import resolve_checkpoint; print(resolve_checkpoint('gpt2'))"
 """
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 
-from machinery.util import InputError, Progress
+from data import HH_SUBSETS, HH_URL, IMDB_URL, InputError
+from machinery.util import Progress
 
 
 def cache_dir():
@@ -115,3 +118,45 @@ def read_json(path):
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: cannot read JSON ({e}); download it again") from None
 
+
+# ----------------------------------------------------------------------------------------------
+# The datasets' files: a local path as is, else the environment's folder, else the download cache
+
+def imdb_path(path=None):
+    """Where the IMDb data is: `path`, else $DPO_IMDB, else <cache_dir()>/aclImdb_v1.tar.gz (downloaded if absent).
+    Either the .tar.gz archive or the extracted folder (`aclImdb/` itself or its parent) will do."""
+    path = path or os.environ.get("DPO_IMDB")
+    if path:
+        return path
+    dest = os.path.join(cache_dir(), "aclImdb_v1.tar.gz")
+    try:
+        return download(IMDB_URL, dest, what="IMDb")
+    except (InputError, FileNotFoundError) as e:  # offline or HTTP 404: keep download's reason, add the alternative
+        raise InputError(f"{e}, or set DPO_IMDB to the archive or its extracted aclImdb/ folder") from None
+
+
+def hh_path(source):
+    """A local file as is; a name "subset/split" via $DPO_HH or the download cache."""
+    if os.path.exists(source):
+        return source
+    m = re.fullmatch(r"([\w-]+)/(train|test)", source)
+    if not m:
+        raise InputError(f"{source}: no such file, and not a name like harmless-base/test; pass a .jsonl(.gz) "
+                         f"file or one of {', '.join(HH_SUBSETS)} followed by /train or /test")
+    subset, split = m.groups()
+    if subset not in HH_SUBSETS:
+        raise InputError(f"{source}: unknown HH subset {subset!r}; use one of {', '.join(HH_SUBSETS)}")
+    if os.environ.get("DPO_HH"):
+        tries = [os.path.join(os.environ["DPO_HH"], subset, f"{split}.jsonl.gz"),
+                 os.path.join(os.environ["DPO_HH"], f"{subset}-{split}.jsonl.gz")]
+        found = [p for p in tries if os.path.isfile(p)]
+        if not found:
+            raise InputError(f"DPO_HH={os.environ['DPO_HH']}: holds neither {tries[0]} nor {tries[1]}; "
+                             f"put the file there or unset DPO_HH")
+        return found[0]
+    dest = os.path.join(cache_dir(), "hh-rlhf", subset, f"{split}.jsonl.gz")
+    url = HH_URL.format(subset=subset, split=split)
+    try:
+        return download(url, dest, what=f"hh-rlhf {source}")
+    except (InputError, FileNotFoundError) as e:
+        raise InputError(f"{e}, or set DPO_HH to a folder holding {subset}/{split}.jsonl.gz") from None

@@ -10,8 +10,8 @@ import argparse
 import dataclasses
 import os
 
+from data import InputError
 from machinery.hf import config_from_hf, random_config
-from machinery.util import InputError
 from model import GPTConfig
 
 KNOWN_SHAPES = {  # from the models' config.json, so that the estimate needs no download

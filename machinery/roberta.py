@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from model import MLP, Attention
+from model import Attention, MLP
 
 
 @dataclasses.dataclass

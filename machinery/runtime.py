@@ -25,15 +25,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from data import EOS, epoch_order
+from data import EOS, InputError, epoch_order
 from machinery.fast import SHARE_MIN_SAVING, batch_logps, compile_blocks, reference_logps, worth_sharing
 from machinery.hf import load_model, save_pretrained
 from machinery.hub import resolve_checkpoint
-from machinery.lora import (add_lora, load_lora_state_dict, lora_disabled, lora_merged, lora_state_dict,
-                            train_only_head)
+from machinery.lora import add_lora, load_lora_state_dict, lora_disabled, lora_merged, lora_state_dict, train_only_head
 from machinery.safetensors import load_safetensors, save_safetensors
 from machinery.tokenizers import hub_file, load_tokenizer
-from machinery.util import InputError, autocast, pick_device
+from machinery.util import autocast, pick_device
 from model import GPT
 
 

@@ -11,8 +11,7 @@ ids (the paper's IMDb reward) computed from GPT-2 tokens. GPT-2 itself needs non
 
 Tests: test_tokenizers.py compares encode/decode with the `tokenizers` library on the same tokenizer.json (trained
 ones, and GPT-2's 50,000 merges under NeoX-like ids) and RoBERTa's ids with transformers' tokenizer; test_arch.py
-trains on a Pythia-layout folder with its own tokenizer.json. This module does not import data.py (data.py is
-above it on the reader's path); it loads tiktoken's GPT-2 encoding itself.
+trains on a Pythia-layout folder with its own tokenizer.json.
 """
 import functools
 import json
@@ -23,21 +22,8 @@ import unicodedata
 import tiktoken
 import torch
 
+from data import EOS, InputError, get_encoding
 from machinery.hub import HUB_URL, download, hub_folder
-from machinery.util import InputError
-
-EOS = 50256  # GPT-2's <|endoftext|> (data.EOS)
-
-
-@functools.lru_cache(maxsize=None)
-def get_encoding():
-    """tiktoken's GPT-2 BPE, as data.get_encoding (the same object: tiktoken keeps one per name)."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except (OSError, ImportError, ValueError) as e:  # requests' errors are OSErrors
-        raise InputError(f"cannot load the GPT-2 BPE files ({type(e).__name__}); set TIKTOKEN_CACHE_DIR "
-                         f"to a folder holding them (this project ships one in shared/tiktoken)") from None
-
 
 # ----------------------------------------------------------------------------------------------
 # Other models' tokenizers, on tiktoken: any byte-level BPE tokenizer.json (GPT-NeoX/Pythia), and RoBERTa's ids

@@ -1,4 +1,4 @@
-"""Small helpers every script shares: the one-line error type, a progress line, the command-line builder
+"""Small helpers every script shares: a progress line, the command-line builder
 (one flag per dataclass field) and the device/dtype choice. Standard library and torch only."""
 import argparse
 import contextlib
@@ -7,12 +7,6 @@ import sys
 import time
 
 import torch
-
-
-class InputError(ValueError):
-    """Bad input from the user: the message is one line naming the file (and line) and what to do.
-
-    Every command-line entry point catches it, prints `error: <message>` and exits with status 2."""
 
 
 class Progress:
