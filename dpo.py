@@ -159,14 +159,15 @@ def dpo_loss_grad(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
                   beta=0.1):
     """Closed-form gradient of dpo_loss(...)[0].mean() with respect to the policy log-probs, step (6), no autograd:
 
-        dL/dlog pi(y_w|x)_i = -(beta/B) * sigmoid(-beta h_i) = -(beta/B) * sigmoid(rhat_l - rhat_w) = -dL/dlog pi(y_l|x)_i
+        dL/dlog pi(y_w|x)_i = -(beta/B) * sigmoid(-beta h_i) = -(beta/B) * sigmoid(rhat_l - rhat_w)
+                            = -dL/dlog pi(y_l|x)_i
 
     Returns:
         (d_policy_chosen, d_policy_rejected), each (B,). Chain it with sequence_logps_grad to reach the logits.
     """
     h = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)  # (B,) (4)
-    weight = torch.sigmoid(-beta * h)                                                   # (B,) (6) sigmoid(rhat_l - rhat_w)
-    d_policy_chosen = -beta * weight / len(h)                                           # (B,) (6)
+    weight = torch.sigmoid(-beta * h)                                # (B,) (6) sigmoid(rhat_l - rhat_w)
+    d_policy_chosen = -beta * weight / len(h)                        # (B,) (6)
     return d_policy_chosen, -d_policy_chosen
 
 
@@ -181,7 +182,8 @@ def _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, 
     """Check the options shared by preference_loss and preference_loss_grad, and compute the margin.
 
     Returns h (B,), chosen_rewards (B,), rejected_rewards (B,), and the factors dh/dlogp needs:
-    sc, sr (1/|y| for the length-normalised losses, else 1.0) and use_ref (False: log pi_ref := 0)."""
+    chosen_scale, rejected_scale (1/|y| for the length-normalised losses, else 1.0) and use_ref (False: log
+    pi_ref := 0)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
     if not beta > 0:
@@ -199,16 +201,16 @@ def _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, 
     if normalise and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"loss_type {loss_type!r} needs chosen_lengths and rejected_lengths (response tokens)")
     dtype = policy_chosen_logps.dtype
-    sc = 1.0 / chosen_lengths.to(dtype) if normalise else 1.0          # (B,) or 1.0
-    sr = 1.0 / rejected_lengths.to(dtype) if normalise else 1.0        # (B,) or 1.0
+    chosen_scale = 1.0 / chosen_lengths.to(dtype) if normalise else 1.0      # (B,) or 1.0
+    rejected_scale = 1.0 / rejected_lengths.to(dtype) if normalise else 1.0  # (B,) or 1.0
     use_ref = not (reference_free or loss_type == "simpo")
-    ref_c, ref_r = (reference_chosen_logps, reference_rejected_logps) if use_ref else (0.0, 0.0)
-    pi_logratios = sc * policy_chosen_logps - sr * policy_rejected_logps   # (B,)
-    ref_logratios = sc * ref_c - sr * ref_r                                # (B,) or 0.0
-    h = pi_logratios - ref_logratios                                       # (B,) (4)
-    chosen_rewards = (beta * sc * (policy_chosen_logps - ref_c)).detach()      # (B,) (3) rhat_w
-    rejected_rewards = (beta * sr * (policy_rejected_logps - ref_r)).detach()  # (B,) (3) rhat_l
-    return h, chosen_rewards, rejected_rewards, sc, sr, use_ref
+    ref_chosen, ref_rejected = (reference_chosen_logps, reference_rejected_logps) if use_ref else (0.0, 0.0)
+    pi_logratios = chosen_scale * policy_chosen_logps - rejected_scale * policy_rejected_logps  # (B,)
+    ref_logratios = chosen_scale * ref_chosen - rejected_scale * ref_rejected                  # (B,) or 0.0
+    h = pi_logratios - ref_logratios                                                           # (B,) (4)
+    chosen_rewards = (beta * chosen_scale * (policy_chosen_logps - ref_chosen)).detach()         # (B,) (3) rhat_w
+    rejected_rewards = (beta * rejected_scale * (policy_rejected_logps - ref_rejected)).detach()  # (B,) (3) rhat_l
+    return h, chosen_rewards, rejected_rewards, chosen_scale, rejected_scale, use_ref
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -287,15 +289,16 @@ def preference_loss_grad(policy_chosen_logps, policy_rejected_logps, reference_c
         robust             dl/dh = beta * (-(1-eps) s(-u) - eps s(u)) / (1 - 2 eps)
         ipo                dl/dh = 2 * (h - 1/(2 beta))
         hinge              dl/dh = -beta * [u < 1]
-    then the mean over B pairs and dh/dlogp: h = sc*(pi_w - ref_w) - sr*(pi_l - ref_l), sc = 1/|y_w| for
-    lndpo/simpo else 1 (same for sr), and ref terms 0 when reference-free or simpo. RPO adds
+    then the mean over B pairs and dh/dlogp: h = chosen_scale * (pi_w - ref_w) - rejected_scale * (pi_l - ref_l),
+    chosen_scale = 1/|y_w| for lndpo/simpo else 1 (rejected_scale likewise), and ref terms 0 when reference-free
+    or simpo. RPO adds
     rpo_alpha/B * d nll/d pi_w = -rpo_alpha/(B |y_w|) (or -rpo_alpha/B without lengths) to the first output;
     an explicit policy_chosen_nll is a separate input and adds nothing here.
 
     Returns:
         (d_policy_chosen, d_policy_rejected, d_reference_chosen, d_reference_rejected), each (B,).
     """
-    h, _, _, sc, sr, use_ref = _margin(
+    h, _, _, chosen_scale, rejected_scale, use_ref = _margin(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
         loss_type, label_smoothing, reference_free, gamma, chosen_lengths, rejected_lengths, rpo_alpha)
     eps, u, s, B = label_smoothing, beta * h - gamma, torch.sigmoid, h.shape[0]
@@ -310,9 +313,9 @@ def preference_loss_grad(policy_chosen_logps, policy_rejected_logps, reference_c
     else:  # hinge; at u == 1 exactly we take 0, as autograd's relu does
         dl_dh = -beta * (u < 1).to(h.dtype)
     g = dl_dh / B                                                               # (B,) d mean / dh_i
-    d_policy_chosen, d_policy_rejected = g * sc, -g * sr                        # (6) +w, -l
+    d_policy_chosen, d_policy_rejected = g * chosen_scale, -g * rejected_scale  # (6) +w, -l
     zero = torch.zeros_like(g)
-    d_reference_chosen, d_reference_rejected = (-g * sc, g * sr) if use_ref else (zero, zero)
+    d_reference_chosen, d_reference_rejected = (-g * chosen_scale, g * rejected_scale) if use_ref else (zero, zero)
     if rpo_alpha > 0 and policy_chosen_nll is None:
         n = chosen_lengths.to(g.dtype) if chosen_lengths is not None else 1.0
         d_policy_chosen = d_policy_chosen - rpo_alpha / (B * n)
@@ -323,7 +326,7 @@ def implicit_reward_weight(chosen_rewards, rejected_rewards):
     """sigmoid(rhat_l - rhat_w), (B,): the weight of each pair in the DPO gradient, step (6).
 
     Near 1 for a pair the implicit reward misranks, near 0 for one it already ranks right by a wide margin.
-    For dpo, lndpo and reference-free dpo, d losses.mean() / d policy_chosen_logps = -(beta/B) * sc * weight.
+    For dpo, lndpo and reference-free dpo, d losses.mean() / d policy_chosen_logps = -(beta/B) * chosen_scale * weight.
 
     Args:
         chosen_rewards, rejected_rewards: (B,) as returned by preference_loss.
@@ -377,7 +380,8 @@ class TrainConfig:
                                "(worth_sharing); --no-share-prompt: always one row per prompt+response")
     weights_dtype: str = field("float32", "float32 or bfloat16: the dtype the policy and reference are loaded in "
                                "(shard by shard, never a float32 copy); the optimiser state takes the same dtype, so "
-                               "full fine-tuning at lr 1e-6 loses most updates to bfloat16 rounding: pair it with --lora-rank")
+                               "full fine-tuning at lr 1e-6 loses most updates to bfloat16 rounding: pair it with "
+                               "--lora-rank")
     grad_checkpoint: bool = field(False, "activation checkpointing: keep only each block's input and recompute the "
                                   "block in backward (activations ~L times smaller, one extra forward of compute)")
     compile: bool = field(False, "torch.compile every transformer block (one graph shared by all blocks; fuses the small "
@@ -498,16 +502,18 @@ def evaluate_pairs(cfg, run, policy, fwd, items, reference_table):
     with torch.no_grad():
         for i in range(0, len(share), cfg.micro_batch_size):
             ids = share[i:i + cfg.micro_batch_size]
-            batch = make_batch([items[j] for j in ids], run.device, cfg.share_prompt, run.pad_id)  # no grad: no checkpointing
+            batch = make_batch([items[j] for j in ids], run.device, cfg.share_prompt, run.pad_id)  # no grad: shares
             with autocast(run.device, run.dtype):
                 policy_logps = batch_logps(model, batch, cfg.average_logps).float()
-            losses, chosen_rewards, rejected_rewards = loss_from_logps(cfg, policy_logps, reference_table[ids].to(run.device), batch)
+            reference_logps = reference_table[ids].to(run.device)  # (B, 2)
+            losses, chosen_rewards, rejected_rewards = loss_from_logps(cfg, policy_logps, reference_logps, batch)
             real = (torch.arange(i, i + len(ids)) < n_real).to(run.device)  # padding of the last share counts 0
             sums += torch.stack([losses[real].sum(), (chosen_rewards > rejected_rewards)[real].float().sum(),
                                  (chosen_rewards - rejected_rewards)[real].sum()]).double().cpu()
     model.train()
     if run.world > 1:
-        sums = torch.tensor(list(all_reduce_sum(dict(enumerate(sums.tolist())), run.device).values()), dtype=torch.float64)
+        summed = all_reduce_sum(dict(enumerate(sums.tolist())), run.device)
+        sums = torch.tensor(list(summed.values()), dtype=torch.float64)
     if cfg.fsdp:
         fwd.reshard()  # (as after the reference pass): the optimiser's state is keyed by the shards
     loss, acc, margin = (sums / max(len(items), 1)).tolist()

@@ -127,11 +127,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, mask, cache=None, rope=None):
-        h = self.ln_1(x)
+        normed = self.ln_1(x)
         if self.parallel:  # GPT-J/NeoX: attention and MLP both read x; GPT-J feeds both the same ln_1(x)
-            m = self.mlp(h if self.ln_2 is None else self.ln_2(x))
-            return x + self.drop(self.attn(h, mask, cache, rope)) + self.drop(m)
-        x = x + self.drop(self.attn(h, mask, cache, rope))
+            m = self.mlp(normed if self.ln_2 is None else self.ln_2(x))
+            return x + self.drop(self.attn(normed, mask, cache, rope)) + self.drop(m)
+        x = x + self.drop(self.attn(normed, mask, cache, rope))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -257,11 +257,11 @@ class GPT(nn.Module):
         for t in range(max_new_tokens):
             n = P + t
             if use_cache:
-                h = self(x, attention_mask=mask[:, :n], position_ids=positions[:, n - x.size(1):n], cache=cache,
+                hidden = self(x, attention_mask=mask[:, :n], position_ids=positions[:, n - x.size(1):n], cache=cache,
                          return_hidden=True)
             else:
-                h = self(seq, attention_mask=mask[:, :n], position_ids=positions[:, :n], return_hidden=True)
-            logits = self.lm_head(h[:, -1])  # (B, V): the head on the last position only (the prompt's others unneeded)
+                hidden = self(seq, attention_mask=mask[:, :n], position_ids=positions[:, :n], return_hidden=True)
+            logits = self.lm_head(hidden[:, -1])  # (B, V): the head on the last position only (the prompt's others unneeded)
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out.append(nxt)

@@ -61,9 +61,8 @@ def random_windows(tokens, batch_size, seq_len, generator=None):
 def scratch_config():
     """The GPT of the CPU preset: 4 blocks, 128 channels, 4 heads, 128 positions, 13.7M parameters (12.9M
     of them the two 50,257 x 128 embeddings). The output head dominates the cost: V*C = 6.4M multiply-adds
-    per token against ~0.8M for the four blocks, plus the log-softmax over V. So width is expensive and
-    depth cheap (measured per step: 2 -> 4 blocks +10-25%, 128 -> 64 channels only 1.26x faster, with
-    the same held-out loss per second of training). The head is untied from the input embedding so that
+    per token against ~0.8M for the four blocks, plus the log-softmax over V: width is expensive and depth
+    cheap (the measurements are in the README). The head is untied from the input embedding so that
     it can carry a bias unit (init_unigram_bias): GPT-2's checkpoint layout has no head bias, but an
     untied lm_head.weight it has, so save_pretrained/from_pretrained keep working."""
     return GPTConfig(vocab_size=50257, block_size=128, n_layer=4, n_head=4, n_embd=128, tie_word_embeddings=False)

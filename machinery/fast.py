@@ -30,9 +30,8 @@ def keep_freed_memory():
     """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel (Linux; elsewhere
     a no-op returning False). A training step allocates several (N*T, V) float32 tensors (~400 MB each
     for 16 x 128 tokens); glibc maps every block over 32 MB fresh from the kernel and unmaps it when freed,
-    so each step page-faults and zeroes gigabytes. Measured on 2 CPU cores: 1.4 s of system time in a
-    1.7 s step; with this call 0.1 s, and SFT runs 1.75x faster. A process-wide setting, so only entry
-    points call it (sft.main, dpo.main, eval.main), never an import."""
+    so each step page-faults and zeroes gigabytes (the README's speed notes give the effect). A process-wide
+    setting, so only entry points call it (sft.main, dpo.main, eval.main), never an import."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -42,49 +41,49 @@ def keep_freed_memory():
 
 
 class HeadLogps(torch.autograd.Function):
-    """log softmax(h @ W.T + b)[labels] for M rows, in row chunks, never holding more (M, V) logits than
+    """log softmax(hidden @ W.T + b)[labels] for M rows, in row chunks, never holding more (M, V) logits than
     it needs: forward computes each chunk's logits, its logsumexp and the label's log-prob. Backward needs
     d logp / d z = onehot(label) - softmax(z) for every chunk. When all M softmax rows fit in `keep_bytes`
     (a small model or a short batch, e.g. 768 rows x 50k = 154 MB) forward keeps them and backward reuses them;
-    otherwise (gpt2-large, long batches) forward keeps only h and the logsumexp and backward recomputes
+    otherwise (gpt2-large, long batches) forward keeps only hidden and the logsumexp and backward recomputes
     each chunk's logits: one matmul more, the (M, V) float32 block never alive at once. Either way the gradient
-    is formed in place in that block. Equal to token_logps(F.linear(h, W, b), labels), gradients included
+    is formed in place in that block. Equal to token_logps(F.linear(hidden, W, b), labels), gradients included
     (tested, both ways)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, chunk, keep_bytes):
+    def forward(ctx, hidden, weight, bias, labels, chunk, keep_bytes):
         # under autocast F.linear runs in the autocast dtype; backward repeats it in that dtype
-        ctx.mm_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        out = torch.empty(len(h), dtype=torch.float32, device=h.device)  # (M,)
-        lse = torch.empty(len(h), dtype=torch.float32, device=h.device)  # (M,)
-        keep = len(h) * weight.size(0) * 4 <= keep_bytes
+        ctx.mm_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)  # (M,)
+        lse = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)  # (M,)
+        keep = len(hidden) * weight.size(0) * 4 <= keep_bytes
         probs = []
-        for s in range(0, len(h), chunk):
-            z = F.linear(h[s:s + chunk], weight, bias).float()  # (c, V)
+        for s in range(0, len(hidden), chunk):
+            z = F.linear(hidden[s:s + chunk], weight, bias).float()  # (c, V)
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             out[s:s + chunk] = z.gather(1, labels[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
             if keep:
                 probs.append(z.sub_(lse[s:s + chunk, None]).exp_())  # softmax(z), in place
-        ctx.save_for_backward(h, weight, bias, labels, lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk, ctx.probs = chunk, probs
         return out
 
     @staticmethod
     def backward(ctx, grad):  # grad (M,): d loss / d logp
-        h, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
         probs, ctx.probs = ctx.probs, None
         dt = ctx.mm_dtype
         w = weight.to(dt)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
-        grad_b = torch.zeros(weight.size(0), dtype=torch.float32, device=h.device) if bias is not None and ctx.needs_input_grad[2] else None
-        for k, s in enumerate(range(0, len(h), ctx.chunk)):
-            hc, g = h[s:s + ctx.chunk].to(dt), grad[s:s + ctx.chunk].float()
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros(weight.size(0), dtype=torch.float32, device=hidden.device) if bias is not None and ctx.needs_input_grad[2] else None
+        for k, s in enumerate(range(0, len(hidden), ctx.chunk)):
+            hidden_chunk, g = hidden[s:s + ctx.chunk].to(dt), grad[s:s + ctx.chunk].float()
             if probs:
                 p = probs[k]  # softmax(z), kept by forward
                 probs[k] = None  # (freed as soon as used)
             else:
-                z = F.linear(hc, w, None if bias is None else bias.to(dt)).float()  # (c, V) recomputed
+                z = F.linear(hidden_chunk, w, None if bias is None else bias.to(dt)).float()  # (c, V) recomputed
                 p = z.sub_(lse[s:s + ctx.chunk, None]).exp_()  # softmax(z), in place
             p.mul_(-g[:, None])  # -g * softmax(z)
             p[torch.arange(len(g), device=g.device), labels[s:s + ctx.chunk]] += g  # + g * onehot(label)
@@ -92,12 +91,12 @@ class HeadLogps(torch.autograd.Function):
                 grad_b += p.sum(0)
             p = p.to(dt)
             if grad_h is not None:
-                grad_h[s:s + ctx.chunk] = (p @ w).to(h.dtype)  # (c, C)
+                grad_h[s:s + ctx.chunk] = (p @ w).to(hidden.dtype)  # (c, C)
             if grad_w is not None:  # accumulated in float32 over the chunks
                 if dt == torch.float32:
-                    grad_w.addmm_(p.t(), hc)
+                    grad_w.addmm_(p.t(), hidden_chunk)
                 else:
-                    grad_w += p.t() @ hc
+                    grad_w += p.t() @ hidden_chunk
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
@@ -111,19 +110,19 @@ def head_chunk_rows(device, vocab_size):
     return 256 if torch.device(device).type == "cpu" else max(256, HEAD_CHUNK_BYTES // (4 * vocab_size))
 
 
-def head_logps(h, head, labels, chunk=None, keep_bytes=None):
-    """log pi(label | h) for rows h (M, C) through the output head (an nn.Linear): (M,) float32.
+def head_logps(hidden, head, labels, chunk=None, keep_bytes=None):
+    """log pi(label | hidden) for rows hidden (M, C) through the output head (an nn.Linear): (M,) float32.
     Chunked (HeadLogps) in blocks of `chunk` rows. Default: 256 rows on a CPU; on a GPU HEAD_CHUNK_BYTES of
-    float32 logits (1,335 rows of a 50k vocabulary; at least 256): few chunks, so few kernel launches. (On a
-    CPU larger blocks were no faster, measured, and cost memory.) The softmax rows are kept for backward up
+    float32 logits (1,335 rows of a 50k vocabulary; at least 256): few chunks, so few kernel launches (on a
+    CPU larger blocks cost memory and gained nothing). The softmax rows are kept for backward up
     to keep_bytes (default HEAD_KEEP_BYTES), recomputed beyond. float64 (tests) takes the plain path."""
-    if h.dtype == torch.float64:
-        return token_logps(head(h), labels)
-    chunk = chunk or head_chunk_rows(h.device, head.weight.size(0))
+    if hidden.dtype == torch.float64:
+        return token_logps(head(hidden), labels)
+    chunk = chunk or head_chunk_rows(hidden.device, head.weight.size(0))
     keep_bytes = HEAD_KEEP_BYTES if keep_bytes is None else keep_bytes
-    if not (torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)):
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)):
         keep_bytes = 0  # no backward will come: keep nothing
-    return HeadLogps.apply(h, head.weight, head.bias, labels, chunk, keep_bytes)
+    return HeadLogps.apply(hidden, head.weight, head.bias, labels, chunk, keep_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,10 +139,10 @@ def logps(model, idx, target_mask, attention_mask=None, target_index=None):
     the CPU, a GPU need not wait for a boolean selection). Equal to token_logps(model(idx)[:, :-1],
     idx[:, 1:]) on the selected positions (tested)."""
     N, T = idx.shape
-    h = model(idx, attention_mask=attention_mask, return_hidden=True)  # (N, T, C)
+    hidden = model(idx, attention_mask=attention_mask, return_hidden=True)  # (N, T, C)
     if target_index is None:
         target_index = target_mask[:, 1:].reshape(-1).nonzero().squeeze(1)  # (M,) hidden t predicts token t+1
-    lp = head_logps(h[:, :-1].flatten(0, 1)[target_index], model.lm_head,
+    lp = head_logps(hidden[:, :-1].flatten(0, 1)[target_index], model.lm_head,
                     idx[:, 1:].reshape(-1)[target_index])  # (M,) M = selected tokens
     out = torch.zeros(N * (T - 1), dtype=torch.float32, device=idx.device).index_copy(0, target_index, lp)
     return F.pad(out.view(N, T - 1), (1, 0))  # (N, T), 0 at position 0 and wherever nothing is scored
@@ -270,15 +269,15 @@ def shared_prompt_logps(model, batch, average=False):
     prompt_ids, response_ids = batch["prompt_ids"], batch["response_ids"]  # (B', P), (N, R)
     row_prompt, device = batch["row_prompt"], prompt_ids.device
     prefix = SharedPrompt(row_prompt)
-    h = model(prompt_ids, cache=prefix, return_hidden=True)  # (B', P, C) right padding: plain causal kernel
-    last = h[torch.arange(len(h), device=device), batch["prompt_lens"] - 1]  # (B', C)
+    hidden_prompt = model(prompt_ids, cache=prefix, return_hidden=True)  # (B', P, C) right padding: plain causal kernel
+    last = hidden_prompt[torch.arange(len(hidden_prompt), device=device), batch["prompt_lens"] - 1]  # (B', C)
     prefix.recording = False
     P, R = prompt_ids.size(1), response_ids.size(1)
     prompt_mask = torch.arange(P, device=device) < batch["prompt_lens"][:, None]  # (B', P)
     response_mask = torch.arange(R, device=device) < batch["row_lens"][:, None]  # (N, R)
     mask = torch.cat([prompt_mask[row_prompt], response_mask], 1)  # (N, P+R) padded prompt keys are masked
-    hr = model(response_ids, attention_mask=mask, cache=prefix, return_hidden=True)  # (N, R, C)
-    hidden = torch.cat([last[row_prompt, None], hr[:, :-1]], 1)  # (N, R, C): position j predicts token j
+    hidden_response = model(response_ids, attention_mask=mask, cache=prefix, return_hidden=True)  # (N, R, C)
+    hidden = torch.cat([last[row_prompt, None], hidden_response[:, :-1]], 1)  # (N, R, C): position j predicts token j
     index = batch["response_index"]  # (M,) flat positions of the response tokens (found on the CPU: no device wait)
     lp = head_logps(hidden.flatten(0, 1)[index], model.lm_head, response_ids.view(-1)[index])  # (M,)
     rows = torch.div(index, R, rounding_mode="floor")  # (M,) the row of each scored token
