@@ -69,13 +69,11 @@ Conventions (where public implementations differ)
       rewards/margins and accuracies describe the loss actually optimised.
 """
 import dataclasses
-import gc
 import os
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import imdb
@@ -83,7 +81,8 @@ from data import InputError, read_hh, read_jsonl_pairs, tokenize_pair
 from machinery import memory
 from machinery.fast import batch_logps, keep_freed_memory, make_batch, micro_batches, shares_prompt
 from machinery.hub import hh_path
-from machinery.runtime import Run, StepStats, TrainingError, all_reduce_sum, check_flags, model_tokenizer, shard
+from machinery.runtime import (Run, StepStats, all_reduce_sum, check_flags, model_tokenizer, run_command,
+                               shard)
 from machinery.util import autocast, field
 from machinery.util import parse_args as util_parse_args
 from model import token_logps
@@ -585,48 +584,16 @@ def parse_args(argv=None, cls=TrainConfig):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    keep_freed_memory()  # 400 MB logits tensors are reused, not re-mapped from the kernel every step
+    keep_freed_memory()  # large logits tensors are reused, not re-mapped from the kernel every step
     if "--task" in argv and argv[argv.index("--task") + 1:][:1] == ["imdb"] and "--data" not in argv:
-        i = argv.index("--task")
-        try:  # the whole experiment; `--task imdb --data PAIRS.jsonl` trains on a pairs file instead
-            imdb.run(parse_args(argv[:i] + argv[i + 2:], imdb.ImdbConfig), train, TrainConfig)
-        except (InputError, TrainingError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
+        i = argv.index("--task")  # the whole experiment; `--task imdb --data PAIRS.jsonl` trains on a pairs file
+        return imdb.main(argv[:i] + argv[i + 2:], train, TrainConfig)
     cfg = parse_args(argv)
     if cfg.estimate_memory:  # arithmetic only: nothing is loaded, downloaded or written
-        try:
-            check_config(dataclasses.replace(cfg, device="auto"))
-            print(memory.memory_report(cfg))
-        except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    who = f"process {rank}: " if world > 1 else ""
-    if rank == 0:
-        print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    fresh = not os.path.exists(cfg.out)
-    try:
-        _, history = train(cfg)
-    except (InputError, TrainingError) as e:
-        print(f"{who}error: {e}", file=sys.stderr)
-        if rank == 0 and fresh and os.path.isdir(cfg.out) and not os.listdir(cfg.out):
-            os.rmdir(cfg.out)  # nothing left behind: a folder this run created and never wrote to
-        return 2
-    except KeyboardInterrupt:
-        print(f"{who}interrupted; the last checkpoint (if any) is {os.path.join(cfg.out, 'checkpoint')}, "
-              f"continue with --resume", file=sys.stderr)
-        return 130
-    finally:
-        if dist.is_initialized():
-            # free the wrapped models (FSDP/DDP hooks form reference cycles) while the process group and the
-            # interpreter are both alive: gloo work still referenced at interpreter exit can abort the process
-            gc.collect()
-            dist.destroy_process_group()
-    if rank != 0:
-        return 0
+        return memory.main(cfg, check_config)
+    status, history = run_command(train, cfg)  # errors in one line, Ctrl-C, the processes closed
+    if status or int(os.environ.get("RANK", "0")) != 0:
+        return status
     try:
         from eval import plot_training_curves
         plot_training_curves(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "curves.png"))

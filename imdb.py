@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -26,8 +27,9 @@ from machinery.fast import reference_logps
 from machinery.hf import from_pretrained, save_pretrained
 from machinery.hub import imdb_path
 from machinery.lora import train_only_head
+from machinery.runtime import TrainingError
 from machinery.tokenizers import load_tokenizer
-from machinery.util import field, pick_device
+from machinery.util import field, parse_args, pick_device
 from model import GPT
 
 IMDB_PRESETS = {
@@ -141,6 +143,16 @@ def check_size(cfg):
         raise InputError(f"--n-prefixes {cfg.n_prefixes} gives at most {most(cfg.n_prefixes)} training pairs, fewer "
                          f"than one batch (--batch-size {cfg.batch_size}): use --n-prefixes {need} or more, or a "
                          f"smaller --batch-size")
+
+
+def main(argv, train, TrainConfig):
+    """`python dpo.py --task imdb [flags]` (argv without --task imdb): the experiment, errors in one line."""
+    try:
+        run(parse_args(ImdbConfig, argv, __doc__.split("\n")[0]), train, TrainConfig)
+    except (InputError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def run(cfg, train, TrainConfig, log=print):

@@ -9,6 +9,7 @@ estimate for gpt2-large (30.7 GiB) met the measured peak (30.6 GiB), see the REA
 import argparse
 import dataclasses
 import os
+import sys
 
 from data import InputError
 from machinery.hf import config_from_hf, random_config
@@ -130,6 +131,17 @@ def describe_shape(c):
     tied = "tied" if getattr(c, "tie_word_embeddings", True) else "untied"
     return (f"{c.n_layer} layers, {c.n_embd} channels, {c.n_head} heads, MLP {I}, vocabulary {c.vocab_size}, "
             f"{tied} head: {count_params(c) / 1e9:.3f}B parameters")
+
+
+def main(cfg, check_config):
+    """`python dpo.py --estimate-memory ...`: the flags checked (dpo.check_config, passed in), then the report."""
+    try:
+        check_config(dataclasses.replace(cfg, device="auto"))
+        print(memory_report(cfg))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def memory_report(cfg):

@@ -15,10 +15,12 @@ processes give one process's loss curve, LoRA, FSDP), test_train.py (accumulatio
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
 import shutil
+import sys
 import time
 
 import torch
@@ -92,6 +94,34 @@ def check_flags(cfg):
     mps = getattr(torch.backends, "mps", None)
     if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not (mps and mps.is_available()):
         raise InputError(f"--device {cfg.device}: this machine has no such device; use --device cpu (or auto)")
+
+
+def run_command(train, cfg):
+    """train(cfg) as a command: bad input or a numerical fault is one line `error: ...` (status 2; a folder this
+    run created and never wrote to is removed), Ctrl-C says where the last checkpoint is (status 130), and the
+    process group is closed in the end. Returns (status, history)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"process {rank}: " if world > 1 else ""
+    if rank == 0:
+        print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    fresh = not os.path.exists(cfg.out)
+    try:
+        return 0, train(cfg)[1]
+    except (InputError, TrainingError) as e:
+        print(f"{who}error: {e}", file=sys.stderr)
+        if rank == 0 and fresh and os.path.isdir(cfg.out) and not os.listdir(cfg.out):
+            os.rmdir(cfg.out)  # nothing left behind: a folder this run created and never wrote to
+        return 2, []
+    except KeyboardInterrupt:
+        print(f"{who}interrupted; the last checkpoint (if any) is {os.path.join(cfg.out, 'checkpoint')}, "
+              f"continue with --resume", file=sys.stderr)
+        return 130, []
+    finally:
+        if dist.is_initialized():
+            # free the wrapped models (FSDP/DDP hooks form reference cycles) while the process group and the
+            # interpreter are both alive: gloo work still referenced at interpreter exit can abort the process
+            gc.collect()
+            dist.destroy_process_group()
 
 
 def model_tokenizer(spec):
