@@ -40,13 +40,18 @@ def test_ties_make_no_pair():
     assert not any({tuple(p["chosen_ids"]), tuple(p["rejected_ids"])} == {(2,), (3,)} for p in pairs)
 
 
+def micro_args(out, n_prefixes, betas):
+    """A micro run of the CPU preset: a 1-block model, 300 reviews a split, tiny batches (seconds, not minutes)."""
+    return ["--task", "imdb", "--preset", "cpu", "--out", str(out), "--imdb", IMDB, "--model", "scratch:1,2,32",
+            "--sft-tokens", "8000", "--n-prefixes", str(n_prefixes), "--max-new-tokens", "6", "--betas", betas,
+            "--alphas", "0.1", "--batch-size", "12", "--micro-batch-size", "6", "--eval-prompts", "8",
+            "--classifier-epochs", "1", "--max-reviews", "300", "--device", "cpu"]
+
+
 @pytest.mark.skipif(not os.path.exists(IMDB), reason=f"IMDb archive not found at {IMDB} (set DPO_IMDB)")
 def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
     out = tmp_path / "imdb"
-    args = ["--task", "imdb", "--preset", "cpu", "--out", str(out), "--imdb", IMDB, "--model", "scratch:1,2,32",
-            "--sft-tokens", "8000", "--n-prefixes", "24", "--max-new-tokens", "6", "--betas", "0.1,1",
-            "--alphas", "0.1", "--batch-size", "12", "--micro-batch-size", "6", "--eval-prompts", "8",
-            "--classifier-epochs", "1", "--max-reviews", "300", "--device", "cpu"]
+    args = micro_args(out, n_prefixes=24, betas="0.1,1")
     assert dpo.main(args) == 0
     for name in ("sft/model.safetensors", "classifier.pt", "pairs.jsonl", "reference_logps.pt", "results.csv",
                  "results.json", "frontier.png", "summary.json", "dpo-beta0.1/done", "preferred-ft/model.safetensors",
@@ -84,11 +89,7 @@ def test_small_run_holds_out_one_prefix(tmp_path, capsys):
     # under 20 prefixes no group % 20 == 19 exists: the last prefix is held out instead (it used to end in a
     # traceback: reference log-probs of an empty held-out split)
     out = tmp_path / "imdb"
-    args = ["--task", "imdb", "--preset", "cpu", "--out", str(out), "--imdb", IMDB, "--model", "scratch:1,2,32",
-            "--sft-tokens", "8000", "--n-prefixes", "16", "--max-new-tokens", "6", "--betas", "0.1",
-            "--alphas", "0.1", "--batch-size", "12", "--micro-batch-size", "6", "--eval-prompts", "8",
-            "--classifier-epochs", "1", "--max-reviews", "300", "--device", "cpu"]
-    assert dpo.main(args) == 0
+    assert dpo.main(micro_args(out, n_prefixes=16, betas="0.1")) == 0
     assert "from 16 prefixes" in capsys.readouterr().out
     ref = torch.load(out / "reference_logps.pt")
     groups = sorted({json.loads(l)["group"] for l in open(out / "pairs.jsonl")})
