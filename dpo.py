@@ -551,7 +551,7 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
             with run.no_sync(fwd, last=m == len(micro) - 1):  # DDP: gradients all-reduced in the last backward
                 batch, tokens = make_batch([train_items[i] for i in mb], run.device, shares_prompt(cfg), run.pad_id, True)
                 with autocast(run.device, run.dtype):
-                    # fast path, = sequence_logps(model(ids), ids, loss_mask) to 1e-5 (test_train.py::
+                    # fast path, = sequence_logps(model(ids), ids, loss_mask) to 1e-4 (test_train.py::
                     # test_concatenated_forward_equals_separate_forwards): the head runs on response tokens only
                     policy_logps = batch_logps(fwd, batch, cfg.average_logps).float()  # (2B,) log pi(y|x)
                 reference_logps = reference.logps(batch, mb)  # (B, 2) log pi_ref(y|x), no grad
