@@ -333,6 +333,49 @@ def implicit_reward_weight(chosen_rewards, rejected_rewards):
     return torch.sigmoid(rejected_rewards - chosen_rewards)                    # (B,) (6)
 
 
+# ---- Rankings of K responses: Plackett-Luce (Appendix A.3 of the paper). A ranking tau of K responses, best first,
+# has probability prod_k exp(r_k) / sum_{j>=k} exp(r_j) under the reward r; substituting (3) cancels Z(x) as in (4).
+
+def plackett_luce_loss(policy_logps, reference_logps, beta=0.1):
+    """The DPO loss of K-way rankings (Appendix A.3, the Plackett-Luce model), per prompt:
+
+        rhat_k = beta * (log pi(y_k|x) - log pi_ref(y_k|x))                    (3), responses ranked best first
+        L = -sum_{k=1}^{K-1} [ rhat_k - log sum_{j=k}^{K} exp(rhat_j) ]        (the k = K term is 0)
+
+    K = 2 is the DPO loss, Eq. 7: -(rhat_1 - log(e^rhat_1 + e^rhat_2)) = -log sigmoid(rhat_1 - rhat_2).
+
+    Args:
+        policy_logps, reference_logps: (B, K) summed log-probs of K responses to each of B prompts, best first.
+        beta: > 0.
+    Returns:
+        losses (B,), rewards (B, K): the implicit rewards rhat, detached.
+    """
+    rewards = beta * (policy_logps - reference_logps)                               # (B, K) (3)
+    tail = torch.logcumsumexp(rewards.flip(-1), dim=-1).flip(-1)                    # (B, K) log sum_{j>=k} e^rhat_j
+    losses = -(rewards - tail)[:, :-1].sum(-1)                                      # (B,)
+    return losses, rewards.detach()
+
+
+def plackett_luce_loss_grad(policy_logps, reference_logps, beta=0.1):
+    """Closed-form gradient of plackett_luce_loss(...)[0].mean(), no autograd. With p_kj = exp(rhat_j) /
+    sum_{i>=k} exp(rhat_i) for j >= k (the probability that y_j is picked first among y_k..y_K):
+
+        dL/drhat_j = sum_{k<=j} p_kj - [j < K]        (the k = K term, p_KK - 1 = 0, is included for free)
+        dL/dlog pi(y_j|x) = (beta/B) * dL/drhat_j = -dL/dlog pi_ref(y_j|x)
+
+    A response ranked high is pushed up by 1 and down by its chance of being picked first in every
+    suffix it belongs to: as in (6), the rankings the implicit reward already gets right weigh little.
+    Returns (d_policy, d_reference), each (B, K)."""
+    rewards = beta * (policy_logps - reference_logps)                               # (B, K)
+    B, K = rewards.shape
+    tail = torch.logcumsumexp(rewards.flip(-1), dim=-1).flip(-1)                    # (B, K) indexed by k
+    suffix = torch.ones(K, K, dtype=torch.bool, device=rewards.device).triu()       # (K, K) [k, j]: j >= k
+    p = torch.exp(rewards[:, None, :] - tail[:, :, None]) * suffix                  # (B, K, K) p_kj
+    d_rewards = p.sum(1) - 1                                                        # (B, K)
+    d_policy = beta * d_rewards / B
+    return d_policy, -d_policy
+
+
 # ---- Training: `python dpo.py --task hh --model gpt2`. train() below is one DPO step after another; every
 # concern of a real run (processes, resume, checkpoints, numeric guards, LoRA, fast paths) is one named call
 # into machinery/, whose files say what each does and which test proves it.

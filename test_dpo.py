@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from dpo import (LOSS_TYPES, dpo_loss, dpo_loss_grad, implicit_reward_weight, preference_loss, preference_loss_grad,
-                 sequence_logps, sequence_logps_grad)
+from dpo import (LOSS_TYPES, dpo_loss, dpo_loss_grad, implicit_reward_weight, plackett_luce_loss,
+                 plackett_luce_loss_grad, preference_loss, preference_loss_grad, sequence_logps, sequence_logps_grad)
 
 
 def f64(*xs):
@@ -405,3 +405,39 @@ def test_plain_chain_rule_to_logits_matches_autograd():
     d_chosen, d_rejected = dpo_loss_grad(logps[:B], logps[B:], reference_logps[:B], reference_logps[B:])
     closed = sequence_logps_grad(logits, labels, loss_mask, torch.cat([d_chosen, d_rejected]))
     assert_close(closed, leaf.grad, atol=1e-10, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plackett-Luce rankings (Appendix A.3): `-k plackett` selects these
+
+def test_plackett_luce_with_two_responses_is_dpo():
+    pi_w, pi_l, ref_w, ref_l = _pairs64()
+    losses, rewards = plackett_luce_loss(torch.stack([pi_w, pi_l], 1), torch.stack([ref_w, ref_l], 1), beta=0.3)
+    dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.3)
+    assert_close(losses, dpo_losses, atol=1e-12, rtol=0)
+    assert_close(rewards, torch.stack([chosen_rewards, rejected_rewards], 1), atol=1e-12, rtol=0)
+
+
+def test_plackett_luce_three_responses_by_hand():
+    """Rewards (beta 1, reference 0) 2, 1, 0 for the ranking best first:
+    -log[e^2 / (e^2 + e^1 + e^0)] - log[e^1 / (e^1 + e^0)] = log(1 + e^-1 + e^-2) + log(1 + e^-1)
+    = 0.4076059644 + 0.3132616875 = 0.7208676519."""
+    losses, rewards = plackett_luce_loss(f64(2.0, 1.0, 0.0)[None], torch.zeros(1, 3, dtype=torch.float64), beta=1.0)
+    assert losses.item() == pytest.approx(0.7208676519, abs=1e-9)
+    assert rewards.tolist() == [[2.0, 1.0, 0.0]]
+    reversed_ranking, _ = plackett_luce_loss(f64(0.0, 1.0, 2.0)[None], torch.zeros(1, 3, dtype=torch.float64), beta=1.0)
+    assert reversed_ranking.item() > losses.item()  # the ranking the rewards contradict costs more
+
+
+@pytest.mark.parametrize("K", [2, 3, 4, 6])
+def test_plackett_luce_grad_matches_autograd(K):
+    g = torch.Generator().manual_seed(K)
+    policy = -40 * torch.rand(5, K, generator=g, dtype=torch.float64)
+    reference = -40 * torch.rand(5, K, generator=g, dtype=torch.float64)
+    for beta in (0.1, 1.0):
+        leaves = [policy.clone().requires_grad_(True), reference.clone().requires_grad_(True)]
+        plackett_luce_loss(*leaves, beta=beta)[0].mean().backward()
+        d_policy, d_reference = plackett_luce_loss_grad(policy, reference, beta=beta)
+        assert_close(d_policy, leaves[0].grad, atol=1e-12, rtol=0)
+        assert_close(d_reference, leaves[1].grad, atol=1e-12, rtol=0)
+        assert_close(d_policy.sum(-1), torch.zeros(5, dtype=torch.float64), atol=1e-12, rtol=0)  # a shift of all: no change
