@@ -25,7 +25,7 @@ Derivation (plain-text math; the code lines that implement a step are tagged `# 
 (3) Take the log of (2) and solve for the reward:
         r(x,y) = beta * log pi_r(y|x)/pi_ref(y|x) + beta * log Z(x)
     Every policy pi therefore defines an implicit reward rhat(x,y) = beta * log pi(y|x)/pi_ref(y|x)
-    (the chosen_rewards and rejected_rewards returned by preference_loss).
+    (the chosen_rewards and rejected_rewards returned by dpo_loss and preference_loss).
 (4) Bradley-Terry: p(y_w > y_l | x) = sigmoid(r(x,y_w) - r(x,y_l)). Substituting (3), the two
     beta * log Z(x) terms cancel (same x), so the intractable Z(x) is never computed:
         p(y_w > y_l | x) = sigmoid(rhat_w - rhat_l) = sigmoid(beta * h)

@@ -63,10 +63,11 @@ def all_pairs(toy):
     return x, y, y2, weight, label
 
 
-def expected_loss(theta, toy):
+def expected_loss(theta, toy, pairs=None):
     """The expected DPO loss over pi_ref's pairs with soft labels: each pair counts as "y wins" with its
-    Bradley-Terry probability and as "y' wins" otherwise. dpo_loss gives both orders."""
-    x, y, y2, weight, label = all_pairs(toy)
+    Bradley-Terry probability and as "y' wins" otherwise. dpo_loss gives both orders. pairs: all_pairs(toy),
+    computed once by a caller that evaluates the loss many times."""
+    x, y, y2, weight, label = all_pairs(toy) if pairs is None else pairs
     logprobs = torch.log_softmax(theta, -1)
     win, _, _ = dpo_loss(logprobs[x, y], logprobs[x, y2], toy.ref_logprobs[x, y], toy.ref_logprobs[x, y2], toy.beta)
     lose, _, _ = dpo_loss(logprobs[x, y2], logprobs[x, y], toy.ref_logprobs[x, y2], toy.ref_logprobs[x, y], toy.beta)
@@ -124,7 +125,8 @@ def main(argv=None):
           f"KL(pi_ref || pi*) = {kl(toy.ref_logprobs, star).mean():.4f}")
     log = lambda step, theta: print(f"  soft labels | L-BFGS step {step:3d} | KL(pi || pi*) "  # noqa: E731
                                     f"{kl(torch.log_softmax(theta, -1), star).mean():.2e}")
-    theta = fit(lambda t: expected_loss(t, toy), start, steps=50, log=log)
+    pairs = all_pairs(toy)
+    theta = fit(lambda t: expected_loss(t, toy, pairs), start, steps=50, log=log)
     spread = (implicit_reward(theta, toy) - toy.reward).std(-1).max()
     print(f"  Theorem 1: beta log pi/pi_ref - r varies within a prompt by at most {spread:.1e} (std)")
     g = torch.Generator().manual_seed(1)

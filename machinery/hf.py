@@ -236,18 +236,14 @@ def config_to_hf(config, dtype=torch.float32):
               "bos_token_id": 0, "eos_token_id": 2, "position_embedding_type": "absolute",
               "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)},
               "hidden_dropout_prob": drop, "attention_probs_dropout_prob": drop, "torch_dtype": dt}
-    elif c.model_type == "gpt2":
-        hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-              "n_positions": c.block_size, "n_ctx": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head,
+    elif c.model_type in ("gpt2", "gptj"):  # GPT-J's config.json is GPT-2's, plus rotary_dim
+        gptj = c.model_type == "gptj"
+        hf = {"architectures": ["GPTJForCausalLM" if gptj else "GPT2LMHeadModel"], "model_type": c.model_type,
+              "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head,
               "n_embd": c.n_embd, "n_inner": c.n_inner, "activation_function": c.activation,
               "layer_norm_epsilon": c.layer_norm_eps, "resid_pdrop": drop, "embd_pdrop": drop, "attn_pdrop": drop,
-              "tie_word_embeddings": tied, "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": dt}
-    elif c.model_type == "gptj":
-        hf = {"architectures": ["GPTJForCausalLM"], "model_type": "gptj", "vocab_size": c.vocab_size,
-              "n_positions": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
-              "n_inner": c.n_inner, "rotary_dim": c.rotary_dim, "activation_function": c.activation,
-              "layer_norm_epsilon": c.layer_norm_eps, "resid_pdrop": drop, "embd_pdrop": drop, "attn_pdrop": drop,
-              "tie_word_embeddings": tied, "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": dt}
+              "tie_word_embeddings": tied, "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": dt,
+              **({"rotary_dim": c.rotary_dim} if gptj else {"n_ctx": c.block_size})}
     elif c.model_type == "gpt_neox":
         pct = (c.rotary_dim or 0) / hs
         hf = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": c.vocab_size,

@@ -131,5 +131,5 @@ class RobertaClassifier(nn.Module):
         (B, T) masks the padding as keys (default: idx != config.pad_token_id)."""
         if attention_mask is None and self.config.pad_token_id is not None:
             attention_mask = (idx != self.config.pad_token_id).long()
-        h = self(idx, attention_mask=attention_mask, return_hidden=True)[:, 0]  # (B, C)
-        return self.cls_proj(self.drop(torch.tanh(self.cls_dense(self.drop(h)))))  # (B, num_labels)
+        first = self(idx, attention_mask=attention_mask, return_hidden=True)[:, 0]  # (B, C) the hidden state of <s>
+        return self.cls_proj(self.drop(torch.tanh(self.cls_dense(self.drop(first)))))  # (B, num_labels)

@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from data import EOS, InputError, epoch_order
-from machinery.fast import SHARE_MIN_SAVING, batch_logps, compile_blocks, reference_logps, worth_sharing
+from machinery.fast import (SHARE_MIN_SAVING, batch_logps, compile_blocks, pair_length, reference_logps,
+                            worth_sharing)
 from machinery.hf import load_model, save_pretrained
 from machinery.hub import resolve_checkpoint
 from machinery.lora import add_lora, load_lora_state_dict, lora_disabled, lora_merged, lora_state_dict, train_only_head
@@ -246,7 +247,7 @@ class Run:
     def _check_fits(self, policy, reference, items):
         """The models can read the data (vocabulary, positions), and --out has room for two checkpoints."""
         cfg = self.cfg
-        longest = max(len(it["prompt_ids"]) + max(len(it["chosen_ids"]), len(it["rejected_ids"])) for it in items)
+        longest = max(map(pair_length, items))  # tokens in the longest row
         for spec, m in ((cfg.resume and self.ckpt or cfg.model, policy), (cfg.ref or "the reference model", reference)):
             if m is not None and m.config.vocab_size < self.tokenizer.vocab_size:
                 raise InputError(f"{spec}: a vocabulary of {m.config.vocab_size} tokens, but the data is tokenised "
