@@ -79,11 +79,14 @@ import torch.nn.functional as F
 import imdb
 from data import InputError, read_hh, read_jsonl_pairs, tokenize_pair
 from machinery import memory
+from eval import batch_completion_logps
 from machinery.fast import batch_logps, keep_freed_memory, make_batch, micro_batches, shares_prompt
+from machinery.hf import load_model, save_pretrained
 from machinery.hub import hh_path
+from machinery.lora import train_only_head
 from machinery.runtime import (Run, StepStats, all_reduce_sum, check_flags, model_tokenizer, run_command,
                                shard)
-from machinery.util import autocast, field
+from machinery.util import autocast, field, pick_device
 from machinery.util import parse_args as util_parse_args
 from model import token_logps
 
@@ -620,6 +623,47 @@ def train(cfg, train_pairs=None, eval_pairs=None, ref_lp=None, reference=None, l
     return policy, run.history
 
 
+def train_rankings(cfg, rankings, reference_logps, log=print):
+    """Appendix A.3 as a run: each prompt's full ranking of its K responses is one Plackett-Luce term
+    (plackett_luce_loss) instead of K(K-1)/2 pairs (the IMDb experiment's --ranking-betas). rankings: a list of
+    {"prompt_ids", "responses_ids": K token lists, best first}; reference_logps: (R, K) log pi_ref. The
+    optimiser, warm-up, clipping and --trainable are train()'s (cfg is a TrainConfig; batch_size counts
+    rankings); one process, no resume. Writes cfg.out/step-N every save_every steps and at the end.
+    Returns (policy, per-step losses)."""
+    check_config(cfg)
+    if len(rankings) < cfg.batch_size:
+        raise InputError(f"only {len(rankings)} rankings, fewer than one batch of {cfg.batch_size}; add data or lower "
+                         f"the batch size")
+    device = pick_device(cfg.device)
+    policy = load_model(cfg.model, device, cfg.seed)
+    if cfg.trainable == "head":
+        train_only_head(policy)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(cfg, trainable, device)
+    steps_per_epoch = len(rankings) // cfg.batch_size
+    total_steps, history = cfg.steps or cfg.epochs * steps_per_epoch, []
+    for step in range(total_steps):
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(rankings), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        batch = [rankings[i] for i in idx.tolist()]
+        K = len(batch[0]["responses_ids"])
+        prompts = [r["prompt_ids"] for r in batch for _ in range(K)]  # B*K rows, ranking-major
+        responses = [y for r in batch for y in r["responses_ids"]]
+        policy_logps = batch_completion_logps(policy, prompts, responses).view(len(batch), K)  # (B, K) log pi(y_k|x)
+        losses, _ = plackett_luce_loss(policy_logps, reference_logps[idx].to(device), cfg.beta)  # (B,)
+        losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(losses.mean().item())
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
+            save_pretrained(policy, os.path.join(cfg.out, f"step-{step + 1}"))
+            log(f"rankings: step {step + 1}/{total_steps} | loss {sum(history[-10:]) / len(history[-10:]):.4f}")
+    return policy, history
+
+
 def parse_args(argv=None, cls=TrainConfig):
     """TrainConfig (or ImdbConfig) from the command line: one flag per field, its help from the field."""
     return util_parse_args(cls, argv, __doc__.split("\n")[0])
@@ -630,7 +674,7 @@ def main(argv=None):
     keep_freed_memory()  # large logits tensors are reused, not re-mapped from the kernel every step
     if "--task" in argv and argv[argv.index("--task") + 1:][:1] == ["imdb"] and "--data" not in argv:
         i = argv.index("--task")  # the whole experiment; `--task imdb --data PAIRS.jsonl` trains on a pairs file
-        return imdb.main(argv[:i] + argv[i + 2:], train, TrainConfig)
+        return imdb.main(argv[:i] + argv[i + 2:], train, TrainConfig, train_rankings)
     cfg = parse_args(argv)
     if cfg.estimate_memory:  # arithmetic only: nothing is loaded, downloaded or written
         return memory.main(cfg, check_config)

@@ -251,22 +251,25 @@ def sample_completions(model, prompts, n_per_prompt, max_new_tokens, batch_size=
     return out
 
 
+def batch_completion_logps(model, prompts, completions):
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over the completion tokens of each (prompt, completion), one
+    batch, with gradients: (N,) float32. Rows are left-padded by data.left_pad with id 0 (masked; 0 exists in
+    every vocabulary, unlike EOS in a test model), so each completion is the last len(y) columns of its row."""
+    device = model.wte.weight.device
+    input_ids, attention_mask = data.left_pad([list(p) + list(c) for p, c in zip(prompts, completions)], pad_id=0)
+    lengths = torch.tensor([len(c) for c in completions])  # (N,)
+    target_mask = torch.arange(input_ids.size(1)) >= input_ids.size(1) - lengths[:, None]  # (N, T)
+    logps = response_logps(model, input_ids.to(device), target_mask.to(device), attention_mask.to(device))  # (N, T)
+    return logps.sum(-1)  # logps is 0 off the target positions
+
+
 @torch.no_grad()
 def completion_logps(model, prompts, completions, batch_size=64):
-    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over the completion tokens of each (prompt, completion):
-    (N,) float32. Rows are left-padded by data.left_pad with id 0 (masked; 0 exists in every vocabulary,
-    unlike EOS in a test model), so each completion is the last len(y) columns of its row."""
+    """batch_completion_logps over any number of sequences, in batches, without gradients: (N,) on the CPU."""
     model_was_training = model.training
     model.eval()
-    out = []
-    device = model.wte.weight.device
-    for s in range(0, len(prompts), batch_size):
-        P, C = prompts[s:s + batch_size], completions[s:s + batch_size]
-        input_ids, attention_mask = data.left_pad([list(p) + list(c) for p, c in zip(P, C)], pad_id=0)  # (N, T)
-        lengths = torch.tensor([len(c) for c in C])  # (N,)
-        target_mask = torch.arange(input_ids.size(1)) >= input_ids.size(1) - lengths[:, None]  # (N, T)
-        logps = response_logps(model, input_ids.to(device), target_mask.to(device), attention_mask.to(device))  # (N, T)
-        out.append(logps.sum(-1).cpu())  # logps is 0 off the target positions
+    out = [batch_completion_logps(model, prompts[s:s + batch_size], completions[s:s + batch_size]).cpu()
+           for s in range(0, len(prompts), batch_size)]
     model.train(model_was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -310,6 +313,68 @@ def evaluate(policy, reference, classifier, prompts, n_samples, max_new_tokens, 
 
 
 # ----------------------------------------------------------------------------------------------
+# "Your language model is secretly a reward model" (Section 5.1), measured: how well a policy's implicit
+# reward beta * log pi(y|x)/pi_ref(y|x) tracks the ground-truth one on samples it was not trained on
+
+def ranks(x):
+    """Ranks 1..N of a 1-D tensor (float64), tied values sharing their mean rank, as Spearman's correlation uses them."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    r = torch.empty_like(x)
+    r[torch.argsort(x, stable=True)] = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    _, tie = torch.unique(x, return_inverse=True)  # tie[i]: which distinct value x[i] is
+    mean_rank = torch.zeros(int(tie.max()) + 1, dtype=torch.float64).index_add_(0, tie, r) / torch.bincount(tie)
+    return mean_rank[tie]
+
+
+def pearson(x, y):
+    """Pearson's correlation of two 1-D tensors (float64)."""
+    x, y = (torch.as_tensor(v, dtype=torch.float64) for v in (x, y))
+    x, y = x - x.mean(), y - y.mean()
+    return ((x * y).sum() / (x.norm() * y.norm())).item()
+
+
+def implicit_reward_stats(implicit, true, n_per_prompt):
+    """Agreement of an implicit reward with the true one on n_per_prompt samples of each prompt (prompt-major,
+    as sample_completions returns them): a dict of
+        pearson, spearman   over all samples
+        pearson_within      after subtracting each prompt's mean from both: Theorem 1 makes the implicit reward
+                            r(x, y) + f(x), a prompt-only shift that carries no preference (Lemma 1), so only
+                            differences between one prompt's samples are meaningful
+        accuracy            of the pairs of one prompt's samples whose true rewards differ, the fraction the
+                            implicit reward orders the same way (an implicit tie counts a half)"""
+    implicit = torch.as_tensor(implicit, dtype=torch.float64).view(-1, n_per_prompt)  # (prompts, n)
+    true = torch.as_tensor(true, dtype=torch.float64).view(-1, n_per_prompt)  # (prompts, n)
+    centred = [(t - t.mean(-1, keepdim=True)).flatten() for t in (implicit, true)]
+    i, j = torch.triu_indices(n_per_prompt, n_per_prompt, 1)  # every pair of one prompt's samples
+    d_true, d_implicit = true[:, i] - true[:, j], implicit[:, i] - implicit[:, j]  # (prompts, pairs)
+    agree = (torch.sign(d_implicit) == torch.sign(d_true)).double() + 0.5 * (d_implicit == 0)
+    return {"pearson": pearson(implicit.flatten(), true.flatten()),
+            "spearman": pearson(ranks(implicit.flatten()), ranks(true.flatten())),
+            "pearson_within": pearson(*centred), "accuracy": agree[d_true != 0].mean().item()}
+
+
+def plot_implicit_reward(implicit, true, n_per_prompt, path_png, title):
+    """Two scatter plots of implicit against true reward: as they are, and with each prompt's mean subtracted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    implicit = torch.as_tensor(implicit, dtype=torch.float64).view(-1, n_per_prompt)
+    true = torch.as_tensor(true, dtype=torch.float64).view(-1, n_per_prompt)
+    stats = implicit_reward_stats(implicit, true, n_per_prompt)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, centre, name in ((axes[0], False, f"Pearson {stats['pearson']:.2f}, Spearman {stats['spearman']:.2f}"),
+                             (axes[1], True, f"each prefix's mean removed: Pearson {stats['pearson_within']:.2f}")):
+        x, y = ((t - t.mean(-1, keepdim=True)) if centre else t for t in (true, implicit))
+        ax.scatter(x.flatten(), y.flatten(), s=5, alpha=0.4)
+        ax.set_xlabel("true reward r*(x, y)" + (" - mean over x's samples" if centre else ""))
+        ax.set_ylabel(r"implicit reward $\beta \log \pi/\pi_{\mathrm{ref}}$" + (" - mean" if centre else ""))
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    _save_figure(fig, path_png, dpi=110)
+
+
+# ----------------------------------------------------------------------------------------------
 # Tables and plots
 
 def _atomic_write(path, text):
@@ -345,7 +410,8 @@ def write_table(rows, path_csv, path_json):
 
 
 STYLES = {"DPO": ("o", "tab:orange"), "Preferred-FT": ("s", "tab:green"), "Unlikelihood": ("^", "tab:blue"),
-          "SFT": ("*", "black"), "PPO": ("D", "tab:purple")}
+          "SFT": ("*", "black"), "PPO": ("D", "tab:purple"),
+          "DPO-PL": ("P", "tab:red")}
 
 
 def _point_label(row):

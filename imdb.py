@@ -7,9 +7,11 @@ Stages, each cached on disk so that a re-run skips what is finished:
   2. the ground-truth reward r*(x, y) = P(positive | x + y): a classifier trained on IMDb train labels
   3. preference pairs: prefixes of 2-8 tokens of train reviews, 4 samples each from pi_SFT, scored by r*,
      all 6 pairs per prefix (higher reward = chosen)
-  4. policies: DPO for a beta sweep, Preferred-FT (SFT on the chosen completions), Unlikelihood (alpha sweep)
+  4. policies: DPO for a beta sweep, Preferred-FT (SFT on the chosen completions), Unlikelihood (alpha sweep), and
+     DPO-PL: each prefix's ranking of its 4 samples as one Plackett-Luce term instead of 6 pairs (Appendix A.3)
   5. evaluation on prefixes of IMDb test reviews: mean r* and KL(pi || pi_SFT) of the policy's own samples,
-     a table and the reward/KL frontier plot
+     a table and the reward/KL frontier plot; and, for each DPO policy, how well its implicit reward
+     beta log pi/pi_SFT ranks fresh samples of those prefixes by r* (Section 5.1)
 """
 import dataclasses
 import json
@@ -58,6 +60,8 @@ class ImdbConfig:
     n_samples: int = field(4, "samples per prefix; every pair of them is a preference pair (4 -> 6 pairs)")
     max_new_tokens: int = field(None, "tokens per sampled completion")
     betas: str = field(None, "DPO beta sweep, comma-separated (paper: 0.05,0.1,1,5)")
+    ranking_betas: str = field("0.1", "betas of DPO-PL, trained on each prefix's whole ranking of its samples (one "
+                               "Plackett-Luce term, Appendix A.3) instead of its pairs; empty: none")
     alphas: str = field(None, "Unlikelihood alpha sweep, comma-separated")
     optimizer: str = field(None, "rmsprop (paper) or adamw, for DPO and the baselines")
     lr: float = field(None, "DPO learning rate")
@@ -110,6 +114,18 @@ def make_pairs(prompt_ids, completions, rewards, group):
     return pairs
 
 
+def make_ranking(prompt_ids, completions, rewards, group):
+    """One prefix's samples ranked by reward, best first, for the Plackett-Luce loss; None when all rewards are
+    equal (no preference, as make_pairs makes no pair). Ties keep the sampling order (sort is stable): the
+    samples are drawn independently, so that order is random; identical samples (what ties mostly are) give
+    the same loss in either order."""
+    if len(set(rewards)) == 1:
+        return None
+    order = sorted(range(len(completions)), key=lambda i: -rewards[i])
+    return {"prompt_ids": list(prompt_ids), "responses_ids": [completions[i] for i in order],
+            "rewards": [rewards[i] for i in order], "group": group}
+
+
 def _cached_json(path, compute, what):
     """Runs compute() and stores its JSON result at path, or reads it back if a previous run did."""
     if os.path.exists(path):
@@ -145,20 +161,20 @@ def check_size(cfg):
                          f"smaller --batch-size")
 
 
-def main(argv, train, TrainConfig):
+def main(argv, train, TrainConfig, train_rankings=None):
     """`python dpo.py --task imdb [flags]` (argv without --task imdb): the experiment, errors in one line."""
     try:
-        run(parse_args(ImdbConfig, argv, __doc__.split("\n")[0]), train, TrainConfig)
+        run(parse_args(ImdbConfig, argv, __doc__.split("\n")[0]), train, TrainConfig, train_rankings=train_rankings)
     except (InputError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def run(cfg, train, TrainConfig, log=print):
+def run(cfg, train, TrainConfig, log=print, train_rankings=None):
     """The whole IMDb experiment; returns the result rows (method, beta/alpha, step, reward, KL, ...).
-    train and TrainConfig are dpo.py's, passed in by dpo.main: the pipeline drives the trainer without
-    importing dpo.py back. Each stage below caches its result under cfg.out."""
+    train, TrainConfig and train_rankings are dpo.py's, passed in by dpo.main: the pipeline drives the trainers
+    without importing dpo.py back (without train_rankings, no DPO-PL). Each stage caches its result under cfg.out."""
     cfg = cfg.resolved()
     check_size(cfg)
     device = pick_device(cfg.device)
@@ -180,10 +196,14 @@ def run(cfg, train, TrainConfig, log=print):
     ref_lp = reference_stage(cfg, sft_model, train_pairs, eval_pairs, device)
     stage("reference log-probs")
     runs = dpo_stage(cfg, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp, device, log)
+    if train_rankings is not None:
+        runs += ranking_stage(cfg, train_rankings, TrainConfig, sft_dir, sft_model, eval_pairs, device, log)
     runs += baseline_stages(cfg, sft_dir, train_pairs, device, log)
     stage("training")
     rows = evaluation_stage(cfg, runs, sft_dir, sft_model, classifier, test_reviews, device)
     stage("evaluation")
+    implicit_reward_stage(cfg, runs, rows, sft_model, classifier, test_reviews, device, log)
+    stage("implicit reward")
     report(cfg, rows, clf_acc, times, t_start, log)
     return rows
 
@@ -261,7 +281,7 @@ def reward_stage(cfg, train_reviews, test_reviews, device, log):
 def pairs_stage(cfg, train_reviews, sft_model, classifier, device, log):
     """3. Preference pairs (out/pairs.jsonl): n_samples completions of each train-review prefix from the SFT
     model, scored by r*, every pair of them; split into training pairs and held-out ones (held_out_groups)."""
-    pairs_path = os.path.join(cfg.out, "pairs.jsonl")
+    pairs_path, rankings_path = os.path.join(cfg.out, "pairs.jsonl"), os.path.join(cfg.out, "rankings.jsonl")
     if os.path.exists(pairs_path):
         with open(pairs_path) as f:
             pairs = [json.loads(line) for line in f]
@@ -273,13 +293,15 @@ def pairs_stage(cfg, train_reviews, sft_model, classifier, device, log):
                                             cfg.sample_batch_size, torch.Generator(device).manual_seed(cfg.seed))
         rows = [p for p in prompts for _ in range(cfg.n_samples)]
         rewards = classifier.score([p + c for p, c in zip(rows, completions)]).tolist()
-        pairs = []
+        pairs, rankings = [], []
         for i, p in enumerate(prompts):
             s = slice(i * cfg.n_samples, (i + 1) * cfg.n_samples)
             pairs += make_pairs(p, completions[s], rewards[s], group=i)
-        with open(pairs_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(pr) + "\n" for pr in pairs)
-        os.replace(pairs_path + ".tmp", pairs_path)
+            rankings += [r for r in [make_ranking(p, completions[s], rewards[s], group=i)] if r]
+        for path, lines in ((rankings_path, rankings), (pairs_path, pairs)):  # pairs.jsonl last: it marks the stage done
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(x) + "\n" for x in lines)
+            os.replace(path + ".tmp", path)
     groups = {p["group"] for p in pairs}
     held_out = held_out_groups(groups)
     train_pairs = [p for p in pairs if p["group"] not in held_out]
@@ -326,6 +348,52 @@ def dpo_stage(cfg, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp,
     return runs
 
 
+def ranking_stage(cfg, train_rankings, TrainConfig, sft_dir, sft_model, eval_pairs, device, log):
+    """4c. DPO-PL for each beta of --ranking-betas: dpo.py's train_rankings on the ranking of each training prefix's
+    samples (out/rankings.jsonl; the prefixes DPO trains on), as many prefixes per step as DPO's batch holds
+    (batch_size / pairs per prefix), hence as many steps, with DPO's optimiser and checkpoints at the same
+    fractions of the run. Returns its runs as dpo_stage."""
+    betas = [float(b) for b in cfg.ranking_betas.split(",") if b.strip()]
+    path = os.path.join(cfg.out, "rankings.jsonl")
+    if betas and not os.path.exists(path):
+        raise InputError(f"{path} is missing: {cfg.out} was made before DPO-PL existed; use a new --out, or "
+                         f"--ranking-betas '' to skip DPO-PL")
+    if not betas:
+        return []
+    held_out = {p["group"] for p in eval_pairs}
+    rankings = [r for r in ev.read_jsonl(path) if r["group"] not in held_out]
+    per_step = max(1, cfg.batch_size // (cfg.n_samples * (cfg.n_samples - 1) // 2))  # 48 pairs = 8 prefixes' 6
+    steps_per_run = len(rankings) // per_step
+    every = cfg.eval_every or max(1, math.ceil(steps_per_run / 4))
+    reference = _cached_tensor(os.path.join(cfg.out, "reference_rankings.pt"), lambda: ev.completion_logps(
+        sft_model, [r["prompt_ids"] for r in rankings for _ in r["responses_ids"]],
+        [y for r in rankings for y in r["responses_ids"]], cfg.sample_batch_size).view(len(rankings), -1))  # (R, K)
+    runs = []
+    for beta in betas:
+        out = os.path.join(cfg.out, f"dpo-pl-beta{beta:g}")
+        if not os.path.exists(os.path.join(out, "done")):
+            tcfg = TrainConfig(task="imdb", model=sft_dir, out=out, beta=beta, optimizer=cfg.optimizer, lr=cfg.lr,
+                               warmup_steps=cfg.warmup_steps, batch_size=per_step, micro_batch_size=per_step,
+                               epochs=1, save_every=every, device=device, seed=cfg.seed, adam_eps=cfg.adam_eps,
+                               trainable=cfg.trainable)
+            log(f"DPO-PL beta {beta:g}: {steps_per_run} steps of {per_step} rankings of {cfg.n_samples}")
+            train_rankings(tcfg, rankings, reference, log=lambda s: None)
+            open(os.path.join(out, "done"), "w").close()
+        steps = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step-"))
+        runs += [("DPO-PL", "beta", beta, os.path.join(out, f"step-{s}"), s) for s in steps]
+    return runs
+
+
+def _cached_tensor(path, compute):
+    """compute() stored at path with torch.save, or read back."""
+    if os.path.exists(path):
+        return torch.load(path)
+    result = compute()
+    torch.save(result, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return result
+
+
 def baseline_stages(cfg, sft_dir, train_pairs, device, log):
     """4b. Preferred-FT (SFT on the chosen completions) and Unlikelihood (each alpha), trained with the same
     optimiser family, data and number of passes as DPO (sft.train_sequences). Returns their runs as dpo_stage."""
@@ -369,6 +437,58 @@ def evaluation_stage(cfg, runs, sft_dir, sft_model, classifier, test_reviews, de
     return rows
 
 
+def implicit_reward_stage(cfg, runs, rows, sft_model, classifier, test_reviews, device, log):
+    """5b. "Your language model is secretly a reward model" (Section 5.1), measured: n_samples fresh samples from
+    pi_SFT of each evaluation prefix (test reviews), scored by r* (out/implicit_samples.json); for the last
+    checkpoint of each DPO and DPO-PL run, its implicit reward beta * log pi/pi_SFT on them against r*
+    (eval.implicit_reward_stats: Pearson, Spearman, Pearson within a prefix, ranking accuracy; cached in the
+    folder's implicit.json), added to that run's rows as implicit_*; DPO's rows also get heldout_accuracy, the
+    trainer's implicit-reward accuracy on the held-out pairs (metrics.jsonl). Writes out/implicit-reward.png
+    for the DPO run of beta 0.1 (or the first beta)."""
+    prompts = ev.imdb_prompts(test_reviews, cfg.eval_prompts, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    rows_x = [p for p in prompts for _ in range(cfg.n_samples)]
+
+    def draw():
+        completions = ev.sample_completions(sft_model, prompts, cfg.n_samples, cfg.max_new_tokens,
+                                            cfg.sample_batch_size, torch.Generator(device).manual_seed(cfg.seed + 3))
+        return {"completions": completions,
+                "rewards": classifier.score([p + c for p, c in zip(rows_x, completions)]).tolist()}
+    samples = _cached_json(os.path.join(cfg.out, "implicit_samples.json"), draw, "implicit-reward samples")
+    reference = None
+    last = {}  # (method, beta) -> (folder, step) of the run's last checkpoint
+    for method, _, beta, folder, step in runs:
+        if method in ("DPO", "DPO-PL") and step >= last.get((method, beta), ("", -1))[1]:
+            last[method, beta] = (folder, step)
+    for (method, beta), (folder, step) in last.items():
+        def measure():
+            nonlocal reference
+            if reference is None:
+                reference = ev.completion_logps(sft_model, rows_x, samples["completions"], cfg.sample_batch_size)
+            policy = from_pretrained(folder, device=device)
+            implicit = beta * (ev.completion_logps(policy, rows_x, samples["completions"], cfg.sample_batch_size)
+                               - reference)  # (N,) beta log pi/pi_SFT
+            return {**ev.implicit_reward_stats(implicit, samples["rewards"], cfg.n_samples),
+                    "implicit": implicit.tolist()}
+        stats = _cached_json(os.path.join(folder, "implicit.json"), measure, f"{method} implicit reward")
+        row = next(r for r in rows if r["method"] == method and r.get("beta") == beta and r["step"] == step)
+        row.update({f"implicit_{k}": v for k, v in stats.items() if k != "implicit"})
+        if method == "DPO" and beta == _plotted_beta(cfg):
+            ev.plot_implicit_reward(stats["implicit"], samples["rewards"], cfg.n_samples,
+                                    os.path.join(cfg.out, "implicit-reward.png"),
+                                    f"DPO beta {beta:g} (step {step}): implicit vs true reward, "
+                                    f"{len(prompts)} test prefixes x {cfg.n_samples} samples from pi_SFT")
+    for row in rows:  # the trainer's held-out accuracy at each DPO checkpoint
+        if row["method"] == "DPO":
+            metrics = ev.read_jsonl(os.path.join(cfg.out, f"dpo-beta{row['beta']:g}", "metrics.jsonl"))
+            row["heldout_accuracy"] = next((m["eval/accuracy"] for m in metrics
+                                            if m["step"] == row["step"] and "eval/accuracy" in m), None)
+
+
+def _plotted_beta(cfg):
+    betas = [float(b) for b in cfg.betas.split(",")]
+    return 0.1 if 0.1 in betas else betas[0]
+
+
 def report(cfg, rows, clf_acc, times, t_start, log):
     """results.csv/json, frontier.png and summary.json in out; the table, the stage times and one sample
     per method printed."""
@@ -383,6 +503,12 @@ def report(cfg, rows, clf_acc, times, t_start, log):
             f"{r['kl']:>9.2f} ± {r['kl_se']:.2f}")
     log(f"reward classifier test accuracy {100 * clf_acc['test_accuracy']:.1f}% | " +
         " | ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f" | total {total:.0f} s")
+    for r in rows:
+        if "implicit_pearson" in r:
+            log(f"implicit reward, {r['method']} beta {r['beta']:g} step {r['step']}: Pearson {r['implicit_pearson']:.3f}, "
+                f"Spearman {r['implicit_spearman']:.3f}, within a prefix {r['implicit_pearson_within']:.3f}, "
+                f"ranking accuracy {r['implicit_accuracy']:.3f} (fresh test samples)" +
+                (f", {r['heldout_accuracy']:.3f} (held-out pairs)" if r.get("heldout_accuracy") is not None else ""))
     for method in dict.fromkeys(r["method"] for r in rows):
         sample = next(r for r in rows[::-1] if r["method"] == method)["samples"][0]
         log(f"sample, {method}: {sample['prompt']!r} -> {sample['completion']!r} (reward {sample['reward']:.2f})")

@@ -40,6 +40,12 @@ def test_ties_make_no_pair():
     assert not any({tuple(p["chosen_ids"]), tuple(p["rejected_ids"])} == {(2,), (3,)} for p in pairs)
 
 
+def test_ranking_is_best_first_ties_in_sampling_order_and_all_ties_none():
+    r = imdb.make_ranking([EOS, 1], [[2], [3], [4], [5]], [0.5, 0.5, 0.9, 0.1], group=3)
+    assert r["responses_ids"] == [[4], [2], [3], [5]] and r["rewards"] == [0.9, 0.5, 0.5, 0.1] and r["group"] == 3
+    assert imdb.make_ranking([EOS, 1], [[2], [2]], [0.5, 0.5], group=0) is None  # no preference to learn
+
+
 def micro_args(out, n_prefixes, betas):
     """A micro run of the CPU preset: a 1-block model, 300 reviews a split, tiny batches (seconds, not minutes)."""
     return ["--task", "imdb", "--preset", "cpu", "--out", str(out), "--imdb", IMDB, "--model", "scratch:1,2,32",
@@ -55,7 +61,8 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
     assert dpo.main(args) == 0
     for name in ("sft/model.safetensors", "classifier.pt", "pairs.jsonl", "reference_logps.pt", "results.csv",
                  "results.json", "frontier.png", "summary.json", "dpo-beta0.1/done", "preferred-ft/model.safetensors",
-                 "unlikelihood-alpha0.1/model.safetensors"):
+                 "unlikelihood-alpha0.1/model.safetensors", "rankings.jsonl", "dpo-pl-beta0.1/done",
+                 "implicit-reward.png", "implicit_samples.json"):
         assert (out / name).exists(), name
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = [json.loads(l) for l in open(out / "pairs.jsonl")]
@@ -67,14 +74,23 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
     rows = json.load(open(out / "results.json"))
     methods = [r["method"] for r in rows]
     assert methods.count("SFT") == 1 and methods.count("DPO") >= 4 and "Preferred-FT" in methods
-    assert "Unlikelihood" in methods
+    assert "Unlikelihood" in methods and methods.count("DPO-PL") >= 2
+    rankings = [json.loads(l) for l in open(out / "rankings.jsonl")]
+    assert all(len(r["responses_ids"]) == 4 and r["rewards"] == sorted(r["rewards"], reverse=True) for r in rankings)
+    for method in ("DPO", "DPO-PL"):  # the last checkpoint of each run carries its implicit-reward statistics
+        last = [r for r in rows if r["method"] == method and "implicit_pearson" in r]
+        assert len(last) == (2 if method == "DPO" else 1), method
+        assert all(-1 <= r["implicit_spearman"] <= 1 and 0 <= r["implicit_accuracy"] <= 1 for r in last)
+    assert all(0 <= r["heldout_accuracy"] <= 1 for r in rows if r["method"] == "DPO")
     assert rows[0]["kl"] == 0 and all(0 <= r["reward"] <= 1 for r in rows)
     header = open(out / "results.csv").readline().strip().split(",")
     assert header[:3] == ["method", "reward", "reward_se"] or {"method", "reward", "kl"} <= set(header)
     # the CPU preset trains the output head only, in DPO and in the baselines alike (--trainable head)
     sft_w = from_pretrained(str(out / "sft")).state_dict()
     last = max((d for d in os.listdir(out / "dpo-beta0.1") if d.startswith("step-")), key=lambda d: int(d[5:]))
-    for folder in (out / "dpo-beta0.1" / last, out / "preferred-ft", out / "unlikelihood-alpha0.1"):
+    last_pl = max((d for d in os.listdir(out / "dpo-pl-beta0.1") if d.startswith("step-")), key=lambda d: int(d[5:]))
+    for folder in (out / "dpo-beta0.1" / last, out / "preferred-ft", out / "unlikelihood-alpha0.1",
+                   out / "dpo-pl-beta0.1" / last_pl):
         trained = from_pretrained(str(folder)).state_dict()
         assert [k for k in sft_w if not torch.equal(sft_w[k], trained[k])] == ["lm_head.weight"], folder
     # a second run finds every stage cached and gives the same table

@@ -246,7 +246,7 @@ def check_dpo(where, argv, world):
         dpo.check_config(cfg)
         raise Stop(cfg)
 
-    def fake_imdb_run(cfg, train, TrainConfig, log=print):
+    def fake_imdb_run(cfg, train, TrainConfig, log=print, train_rankings=None):
         dpo.imdb.check_size(cfg.resolved())
         raise Stop(cfg)
 

@@ -344,3 +344,32 @@ def test_command_lines_parse_their_dataclasses():
     d = dpo.parse_args(["--no-share-prompt", "--beta", "0.2", "--precompute-ref"])
     assert (d.share_prompt, d.beta, d.precompute_ref) == (False, 0.2, True)
     assert dpo.parse_args([]).share_prompt is True
+
+
+def test_ranks_and_correlations_by_hand():
+    assert ev.ranks([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]  # the tied 3s share ranks 3 and 4
+    # Spearman by the textbook formula for untied data: 1 - 6 sum d^2 / (n (n^2 - 1)) = 1 - 6 * 2 / 60 = 0.8
+    x, y = [1.0, 2.0, 3.0, 4.0], [10.0, 30.0, 20.0, 40.0]
+    assert abs(ev.pearson(ev.ranks(x), ev.ranks(y)) - 0.8) < 1e-12
+    a, b = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    b = a + b  # correlated; Pearson against numpy's corrcoef
+    assert abs(ev.pearson(a, b) - float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 1e-12
+
+
+def test_implicit_reward_stats_by_hand_and_blind_to_a_prompt_shift():
+    true = torch.tensor([[0.1, 0.5, 0.9], [0.2, 0.2, 0.8]], dtype=torch.float64)  # 2 prompts x 3 samples
+    implicit = torch.tensor([[1.0, 2.0, 0.0], [5.0, 5.0, 7.0]], dtype=torch.float64)
+    # prompt 0: pairs (0,1) agree, (0,2) and (1,2) disagree; prompt 1: (0,1) tied in r* (not counted), (0,2) and
+    # (1,2) agree: 3 of 5
+    stats = ev.implicit_reward_stats(implicit.flatten(), true.flatten(), 3)
+    assert abs(stats["accuracy"] - 0.6) < 1e-12
+    centred = lambda t: (t - t.mean(-1, keepdim=True)).flatten()  # noqa: E731
+    assert abs(stats["pearson_within"] - ev.pearson(centred(implicit), centred(true))) < 1e-12
+    assert abs(stats["pearson"] - ev.pearson(implicit.flatten(), true.flatten())) < 1e-12
+    tied = ev.implicit_reward_stats(torch.tensor([1.0, 2.0, 0.0, 5.0, 5.0, 5.0]), true.flatten(), 3)
+    assert abs(tied["accuracy"] - 0.4) < 1e-12  # prompt 1's two counted pairs tie in the implicit reward: a half each
+    # Theorem 1: the implicit reward is defined up to f(x); a per-prompt shift leaves the within-prompt numbers alone
+    shifted = ev.implicit_reward_stats((implicit + torch.tensor([[100.0], [-50.0]])).flatten(), true.flatten(), 3)
+    assert shifted["accuracy"] == stats["accuracy"]
+    assert abs(shifted["pearson_within"] - stats["pearson_within"]) < 1e-12
+    assert abs(shifted["pearson"] - stats["pearson"]) > 0.1  # the raw correlation is not blind to it

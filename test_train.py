@@ -16,7 +16,9 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(os.path
 import dpo
 import data
 from data import collate_pairs, tokenize_pair
+from eval import completion_logps
 from machinery import fast
+from machinery.hf import load_model
 from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -244,3 +246,27 @@ def test_shared_prompt_forward_equals_concatenated_forward(arch):
     gb = torch.autograd.grad((b * w).sum(), list(m.parameters()))
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_rankings_of_two_train_exactly_like_their_pairs(tmp_path):
+    """dpo.train_rankings (Appendix A.3 as a run) on K = 2 rankings is train() on the same pairs: the same first
+    loss, and after 3 full-batch steps the same weights. Its log-probs come from the left-padded eval path, the
+    trainer's from the right-padded fast path, so agreement is to float32 round-off. AdamW's epsilon is set to 1
+    so that an update is ~lr * gradient, not its sign: a sign would magnify round-off in near-zero gradients."""
+    items = [tokenize_pair(p["prompt"], p["chosen"], p["rejected"]) for p in synthetic_pairs(8, seed=3)]
+    pairs = [{**it, "prompt": "", "chosen": "", "rejected": ""} for it in items]  # id-carrying: used as they are
+    rankings = [{"prompt_ids": it["prompt_ids"], "responses_ids": [it["chosen_ids"], it["rejected_ids"]]} for it in items]
+    cfg = tiny_cfg(tmp_path, batch_size=8, micro_batch_size=8, steps=3, lr=1e-2, adam_eps=1.0, beta=0.5)
+    policy, history = dpo.train(cfg, pairs, [], log=quiet)
+    reference = load_model(cfg.model, "cpu", cfg.seed)
+    ref_lp = completion_logps(reference, [r["prompt_ids"] for r in rankings for _ in range(2)],
+                              [y for r in rankings for y in r["responses_ids"]]).view(8, 2)
+    rcfg = tiny_cfg(tmp_path, out=str(tmp_path / "rankings"), batch_size=8, micro_batch_size=8, steps=3, lr=1e-2,
+                    adam_eps=1.0, beta=0.5, save_every=3)
+    ranked, losses = dpo.train_rankings(rcfg, rankings, ref_lp, log=quiet)
+    assert abs(losses[0] - history[0]["loss"]) < 1e-5 and abs(losses[0] - 0.6931) < 1e-3  # log 2 at the start
+    moved = 0
+    for (name, a), b in zip(policy.state_dict().items(), ranked.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4, msg=name)
+        moved += not torch.equal(a, reference.state_dict()[name])
+    assert moved > 0 and os.path.exists(tmp_path / "rankings" / "step-3" / "model.safetensors")
