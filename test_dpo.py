@@ -441,3 +441,30 @@ def test_plackett_luce_grad_matches_autograd(K):
         assert_close(d_policy, leaves[0].grad, atol=1e-12, rtol=0)
         assert_close(d_reference, leaves[1].grad, atol=1e-12, rtol=0)
         assert_close(d_policy.sum(-1), torch.zeros(5, dtype=torch.float64), atol=1e-12, rtol=0)  # a shift of all: no change
+
+
+def test_chosen_logp_falls_while_the_margin_grows():
+    """Tier 5: why rewards/chosen can fall (dpo.py's docstring, (b)-(c)). A unigram model, one softmax p = softmax(z)
+    shared by every position, and one pair: chosen "a b", rejected "a a". log pi(y_w) = log p_a + log p_b,
+    log pi(y_l) = 2 log p_a, so the margin is log p_b - log p_a and a gradient step moves z along e_b - e_a. To
+    first order that changes log pi(y_w) by (e_a + e_b - 2p) . (e_b - e_a) = 2 (p_a - p_b) times the step: when b is
+    already likelier than a, the chosen response LOSES probability while the margin grows, because it shares token
+    a (and the normaliser) with the rejected one. Exact, with the project's sequence_logps and dpo_loss."""
+    a, b, lr = 0, 1, 0.02
+    z = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64, requires_grad=True)  # p_b > p_a
+    labels = torch.tensor([[2, a, b], [2, a, a]])  # a one-token prompt (2), then chosen / rejected
+    loss_mask = torch.tensor([[False, True, True], [False, True, True]])
+
+    def logps(z):
+        return sequence_logps(z.expand(2, 3, 3), labels, loss_mask)  # (2,) every position predicts with softmax(z)
+    ref = logps(z).detach()
+    loss = dpo_loss(logps(z)[:1], logps(z)[1:], ref[:1], ref[1:], beta=1.0)[0].mean()
+    loss.backward()
+    with torch.no_grad():
+        new = logps(z - lr * z.grad)
+        p = torch.softmax(z, -1)
+    margin_change = (new[0] - new[1]) - (ref[0] - ref[1])
+    chosen_change = new[0] - ref[0]
+    assert margin_change > 0 and chosen_change < 0  # the margin grows, the chosen log-prob falls
+    step = lr * z.grad.norm() / math.sqrt(2)  # dz = step * (e_b - e_a), and |e_b - e_a| = sqrt(2)
+    assert_close(chosen_change, 2 * (p[a] - p[b]) * step, rtol=0.02, atol=0)  # first order in the step
