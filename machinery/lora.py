@@ -54,8 +54,9 @@ class LoRALinear(nn.Module):
 
 def train_only_head(model):
     """Freezes every weight except the output head (lm_head weight, and its bias if any), in place; returns the
-    model. The hidden states then never change, and training can only shift each token's logit by a
-    context-dependent amount linear in the (fixed) last hidden state. (A tied head is the token embedding.)"""
+    model. With an untied head (the IMDb CPU preset's scratch model) the hidden states then never change, and
+    training can only shift each token's logit by a context-dependent amount linear in the (fixed) last hidden
+    state. A tied head (GPT-2 checkpoints) is the token embedding, so the hidden states move with it."""
     model.requires_grad_(False)
     model.lm_head.requires_grad_(True)
     return model
