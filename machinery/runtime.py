@@ -233,6 +233,8 @@ class Run:
         if cfg.compile:  # after the reference's deepcopy: a copy of a compiled block would call the original's code
             compile_blocks(policy)
         self._check_fits(policy, reference, train_items + eval_items)
+        if self.pad_id >= min(m.config.vocab_size for m in (policy, reference) if m is not None):
+            self.pad_id = 0  # a tiny vocabulary without the tokenizer's EOS (toy.py): padding is masked, any id will do
         fwd = policy if self.world == 1 else wrap_for_processes(policy, self.device, cfg.fsdp)
         if reference is policy:
             ref_fwd = fwd if cfg.fsdp else policy  # a no-grad forward of a full copy needs no wrapper
@@ -245,14 +247,23 @@ class Run:
         return policy, fwd, ref
 
     def _check_fits(self, policy, reference, items):
-        """The models can read the data (vocabulary, positions), and --out has room for two checkpoints."""
+        """The models can read the data (vocabulary, positions), and --out has room for two checkpoints.
+        Pairs tokenised here from text (dpo.tokenize_all: they carry "truncated") need the tokenizer's whole
+        vocabulary; pairs that came with token ids (sampled completions, toy.py's tiny vocabulary) need only
+        their largest id."""
         cfg = self.cfg
         longest = max(map(pair_length, items))  # tokens in the longest row
+        from_text = any("truncated" in it for it in items)
+        given = [it for it in items if "truncated" not in it]
+        top = max((max(it["prompt_ids"] + it["chosen_ids"] + it["rejected_ids"]) for it in given), default=-1)
         for spec, m in ((cfg.resume and self.ckpt or cfg.model, policy), (cfg.ref or "the reference model", reference)):
-            if m is not None and m.config.vocab_size < self.tokenizer.vocab_size:
+            if m is not None and from_text and m.config.vocab_size < self.tokenizer.vocab_size:
                 raise InputError(f"{spec}: a vocabulary of {m.config.vocab_size} tokens, but the data is tokenised "
                                  f"with {self.tokenizer.name}'s {self.tokenizer.vocab_size}; pass a model that uses "
                                  f"that tokenizer, or put the model's tokenizer.json beside its weights")
+            if m is not None and top >= m.config.vocab_size:
+                raise InputError(f"{spec}: a vocabulary of {m.config.vocab_size} tokens, but the pairs' token ids "
+                                 f"go up to {top}; pass the model those ids were made for")
             if m is not None and m.config.block_size < longest:
                 raise InputError(f"{spec}: {m.config.block_size} positions, but the longest pair has {longest} "
                                  f"tokens; lower --max-length to {m.config.block_size}")
