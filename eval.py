@@ -410,40 +410,74 @@ def write_table(rows, path_csv, path_json):
 
 
 STYLES = {"DPO": ("o", "tab:orange"), "Preferred-FT": ("s", "tab:green"), "Unlikelihood": ("^", "tab:blue"),
-          "SFT": ("*", "black"), "PPO": ("D", "tab:purple"),
-          "DPO-PL": ("P", "tab:red")}
+          "SFT": ("*", "black"), "PPO": ("D", "tab:purple"), "PPO-GT": ("d", "tab:pink"),
+          "Best-of-N": ("X", "tab:brown"), "Best-of-N (RM)": ("x", "tab:gray"), "DPO-PL": ("P", "tab:red")}
 
 
 def _point_label(row):
     if "label" in row:
         return str(row["label"])
-    for key, sym in (("beta", "β"), ("alpha", "α")):
+    for key, sym in (("beta", "β"), ("alpha", "α"), ("best_of", "N")):
         if row.get(key) is not None:
             return f"{sym}={row[key]:g}"
     return ""
 
 
+def _unoverlap(fig, ax, texts, points, radius=4):
+    """Moves each annotation (in order) up or down, by whole heights (+1, -1, +2, -2, ...), to the nearest place
+    where its box overlaps no earlier annotation's and no marker (points: (x, y) in data units, each a square of
+    2 * radius pixels)."""
+    from matplotlib.transforms import Bbox
+    renderer = fig.canvas.get_renderer()
+    placed = [Bbox.from_extents(px - radius, py - radius, px + radius, py + radius)
+              for px, py in ax.transData.transform(points)] if points else []
+    for text in texts:
+        x, y = text.xyann  # offset in points; boxes are in pixels
+        height = text.get_window_extent(renderer).height * 72 / fig.dpi
+        for k in range(41):
+            text.xyann = (x, y + (k + 1) // 2 * (1 if k % 2 else -1) * height)
+            if not any(text.get_window_extent(renderer).overlaps(other) for other in placed):
+                break
+        placed.append(text.get_window_extent(renderer))
+
+
 def plot_frontier(rows, path_png, title="IMDb Sentiment Generation"):
     """Reward (y) against KL(pi || pi_ref) (x), one marker and colour per row["method"], error bars of one
-    standard error, beta (or alpha) written next to each point: the layout of Fig. 2 (left) of the paper."""
+    standard error: the layout of Fig. 2 (left) of the paper. The points of one run (a method and its beta or
+    alpha: the checkpoints along its training; Best-of-N: its N) are joined by a thin line in the rows' order and
+    labelled once, at the last point, with beta, alpha or N (a method of one run needs no label: the legend names
+    it); a label that would overlap an earlier one moves down. Rows with "kl_estimate" (Best-of-N: an analytic
+    upper bound on the KL) are joined by a dashed line and the legend says so."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    for i, method in enumerate(methods):
-        pts = [r for r in rows if r["method"] == method]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    texts = []
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         marker, colour = STYLES.get(method, ("v", f"C{i}"))
-        ax.errorbar([r["kl"] for r in pts], [r["reward"] for r in pts],
-                    xerr=[r.get("kl_se", 0) or 0 for r in pts], yerr=[r.get("reward_se", 0) or 0 for r in pts],
-                    fmt=marker, color=colour, label=method, markersize=7, capsize=2, linestyle="none")
-        for r in pts:
-            ax.annotate(_point_label(r), (r["kl"], r["reward"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        runs = {}  # (beta, alpha) -> the run's rows
+        for r in rows:
+            if r["method"] == method:
+                runs.setdefault((r.get("beta"), r.get("alpha")), []).append(r)
+        bound = any("kl_estimate" in r for r in rows if r["method"] == method)
+        for j, pts in enumerate(runs.values()):
+            ax.errorbar([r["kl"] for r in pts], [r["reward"] for r in pts],
+                        xerr=[r.get("kl_se", 0) or 0 for r in pts], yerr=[r.get("reward_se", 0) or 0 for r in pts],
+                        fmt=marker, color=colour, markersize=5, capsize=2, linewidth=0.8, elinewidth=0.6,
+                        linestyle="--" if bound else "-",
+                        label=None if j else method + (", KL: upper bound" if bound else ""))
+            text = _point_label(pts[-1]) if len(runs) > 1 or "label" in pts[-1] or bound else ""
+            if text:
+                texts.append(ax.annotate(text, (pts[-1]["kl"], pts[-1]["reward"]), textcoords="offset points",
+                                         xytext=(5, 3), fontsize=7, color=colour, zorder=5,
+                                         bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.7)))
     ax.set_xlabel(r"KL($\pi\,\|\,\pi_{\mathrm{ref}}$)")  # KL(π‖π_ref), as in the paper
     ax.set_ylabel("Reward")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    _unoverlap(fig, ax, texts, [(r["kl"], r["reward"]) for r in rows])
     _save_figure(fig, path_png, dpi=120)
 
 

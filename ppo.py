@@ -232,7 +232,9 @@ class PPOConfig:
     batch_size: int = 64            # rollouts per iteration (prompts drawn at random, with replacement)
     minibatch_size: int = 16        # rollouts per gradient step
     ppo_epochs: int = 4             # passes over each rollout batch (step 8)
-    lr: float = 1.41e-5             # AdamW, policy and value head alike
+    lr: float = 1.41e-5             # AdamW, the policy's trainable weights
+    value_lr: float = None          # AdamW, the value head (None: lr). It starts at V = 0 and is one linear map:
+                                    # at the policy's lr it may fit the returns too slowly to serve as a baseline
     weight_decay: float = 0.0       # > 0 adds an L2 term to J and moves its optimum off pi*
     max_new_tokens: int = 24
     kl_coef: float = 0.2            # beta, initial value if adaptive
@@ -312,8 +314,9 @@ def train_ppo(policy, reference, reward_fn, prompts, cfg, log=print, callback=No
     was_training = policy.training
     policy.eval()  # no dropout: log pi must be the same at sampling and at training
     value_head = ValueHead(policy.config.n_embd).to(device)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([{"params": [p for p in policy.parameters() if p.requires_grad]},
+                                   {"params": value_head.parameters(), "lr": cfg.value_lr or cfg.lr}],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
     kl_controller = (AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                      else FixedKL(cfg.kl_coef))
     history = []

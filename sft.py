@@ -249,13 +249,13 @@ def sequence_loss(model, prompts, completions, objective="nll", rejected=None, a
 
 def train_sequences(model, prompts, completions, steps=None, epochs=None, batch_size=16, lr=1e-4,
                     objective="nll", rejected=None, alpha=1.0, warmup=10, weight_decay=0.0,
-                    generator=None, log=print, log_every=None, groups=None):
+                    generator=None, log=print, log_every=None, groups=None, callback=None):
     """Supervised training on (prompt, completion) token lists; the loss counts completion tokens only
     (sequence_loss). Give `steps` or `epochs` (batches are drawn without replacement, reshuffled every
     epoch with `generator`; with `groups`, one label per example, examples of one group stay together, as
     DPO's batches keep the pairs of one prompt together). AdamW, linear warmup to a constant lr, gradient
     clipping at norm 1.0, as the authors' trainer does for DPO, so that the baselines and DPO differ only
-    in the loss.
+    in the loss. callback(step, model), if given, runs after every step (1-based; e.g. to save chosen steps).
     Returns the per-step losses."""
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps and epochs")
@@ -279,6 +279,8 @@ def train_sequences(model, prompts, completions, steps=None, epochs=None, batch_
                                     None if rejected is None else [rejected[i] for i in idx], alpha)
         losses.append(optimizer_step(model, opt, loss))
         bar.update(1, extra=f"loss {losses[-1]:.3f}")
+        if callback:
+            callback(step + 1, model)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
             extra = "" if stats["rejected_logps"] is None else f" | rejected logp {stats['rejected_logps'].mean():.2f}"

@@ -16,7 +16,7 @@ IMDB = os.environ.get("DPO_IMDB", os.path.join(HERE, "..", "shared", "data", "ac
 
 import dpo
 import imdb
-from data import EOS, encode
+from data import EOS, decode, encode
 from machinery.hf import from_pretrained
 from model import GPT
 
@@ -46,12 +46,46 @@ def test_ranking_is_best_first_ties_in_sampling_order_and_all_ties_none():
     assert imdb.make_ranking([EOS, 1], [[2], [2]], [0.5, 0.5], group=0) is None  # no preference to learn
 
 
+def test_best_of_n_rows_by_hand():
+    """Two prefixes, 4 samples each; N = 2 looks at the first 2 samples, N = 4 at all:
+        r*        [0.1, 0.9, 0.5, 0.3]   [0.8, 0.2, 0.6, 0.95]
+        RM score  [0.0, -1., 2.0, 3.0]   [1.0, 0.0, 0.0, 0.0]
+    by r*:  N=2 keeps 0.9 and 0.8 (mean 0.85, s.e. std(0.9, 0.8)/sqrt 2 = 0.0707/1.414 = 0.05); N=4 0.9, 0.95 (0.925)
+    by RM:  N=2 keeps sample 0 of each (0.1, 0.8: 0.45);  N=4 sample 3 and 0 (0.3, 0.8: 0.55)
+    KL: log 2 - 1/2 = 0.1931, log 4 - 3/4 = 0.6363 (upper bounds, kl_se 0)."""
+    true = [[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.6, 0.95]]
+    rm = [[0.0, -1.0, 2.0, 3.0], [1.0, 0.0, 0.0, 0.0]]
+    by_true = imdb.best_of_n_rows("Best-of-N", true, true, [2, 4])
+    by_rm = imdb.best_of_n_rows("Best-of-N (RM)", true, rm, [2, 4])
+    assert [round(r["reward"], 6) for r in by_true] == [0.85, 0.925] and abs(by_true[0]["reward_se"] - 0.05) < 1e-9
+    assert [round(r["reward"], 6) for r in by_rm] == [0.45, 0.55]
+    assert [round(r["kl"], 4) for r in by_true] == [0.1931, 0.6363] and all(r["kl_se"] == 0 for r in by_true + by_rm)
+    assert [r["best_of"] for r in by_rm] == [2, 4] and {r["method"] for r in by_rm} == {"Best-of-N (RM)"}
+    prompts, completions = [[EOS, 10], [EOS, 11]], [[20 + i] for i in range(8)]
+    shown = imdb.best_of_n_rows("Best-of-N", true, true, [4], prompts, completions)[0]["samples"]
+    assert [s["reward"] for s in shown] == [0.9, 0.95]  # the kept samples: 1 of prefix 0 and 3 of prefix 1
+    assert [s["completion"] for s in shown] == [decode([21]), decode([27])]
+
+
+def test_ppo_config_of_each_preset():
+    """The GPU preset runs PPO at the paper's scale with TRL's settings (adaptive KL to 6 nats from beta 0.2, one lr
+    for policy and value head); the CPU preset with a fixed beta, the head's lr and the value head's own."""
+    gpu = imdb.ppo_config(imdb.ImdbConfig(preset="gpu").resolved())
+    assert (gpu.batch_size, gpu.lr, gpu.value_lr, gpu.adaptive_kl, gpu.kl_coef, gpu.kl_target) == \
+        (1024, 1.41e-5, None, True, 0.2, 6.0)
+    assert gpu.max_new_tokens == 48 and gpu.ppo_epochs == 4 and gpu.clip == 0.2 and gpu.lam == 0.95
+    cpu = imdb.ppo_config(imdb.ImdbConfig(preset="cpu").resolved())
+    assert not cpu.adaptive_kl and cpu.value_lr > cpu.lr and cpu.max_new_tokens == 24
+
+
 def micro_args(out, n_prefixes, betas):
-    """A micro run of the CPU preset: a 1-block model, 300 reviews a split, tiny batches (seconds, not minutes)."""
+    """A micro run of the CPU preset: a 1-block model, 300 reviews a split, tiny batches, 4 PPO iterations of 8
+    rollouts (seconds, not minutes)."""
     return ["--task", "imdb", "--preset", "cpu", "--out", str(out), "--imdb", IMDB, "--model", "scratch:1,2,32",
             "--sft-tokens", "8000", "--n-prefixes", str(n_prefixes), "--max-new-tokens", "6", "--betas", betas,
             "--alphas", "0.1", "--batch-size", "12", "--micro-batch-size", "6", "--eval-prompts", "8",
-            "--classifier-epochs", "1", "--max-reviews", "300", "--device", "cpu"]
+            "--classifier-epochs", "1", "--max-reviews", "300", "--device", "cpu", "--ppo-iterations", "4",
+            "--ppo-batch-size", "8", "--ppo-minibatch-size", "8", "--ppo-epochs", "1", "--best-of-n", "2,4"]
 
 
 @pytest.mark.skipif(not os.path.exists(IMDB), reason=f"IMDb archive not found at {IMDB} (set DPO_IMDB)")
@@ -60,9 +94,11 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
     args = micro_args(out, n_prefixes=24, betas="0.1,1")
     assert dpo.main(args) == 0
     for name in ("sft/model.safetensors", "classifier.pt", "pairs.jsonl", "reference_logps.pt", "results.csv",
-                 "results.json", "frontier.png", "summary.json", "dpo-beta0.1/done", "preferred-ft/model.safetensors",
-                 "unlikelihood-alpha0.1/model.safetensors", "rankings.jsonl", "dpo-pl-beta0.1/done",
-                 "implicit-reward.png", "implicit_samples.json"):
+                 "results.json", "frontier.png", "summary.json", "dpo-beta0.1/done", "preferred-ft/done",
+                 "unlikelihood-alpha0.1/done", "rankings.jsonl", "dpo-pl-beta0.1/done",
+                 "implicit-reward.png", "implicit_samples.json", "reward_model/head.pt", "reward_model/accuracy.json",
+                 "ppo-gt/done", "ppo-gt/step-4/model.safetensors", "ppo/done", "ppo/history.jsonl",
+                 "best_of_n_samples.json"):
         assert (out / name).exists(), name
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = [json.loads(l) for l in open(out / "pairs.jsonl")]
@@ -74,7 +110,20 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
     rows = json.load(open(out / "results.json"))
     methods = [r["method"] for r in rows]
     assert methods.count("SFT") == 1 and methods.count("DPO") >= 4 and "Preferred-FT" in methods
-    assert "Unlikelihood" in methods and methods.count("DPO-PL") >= 2
+    assert methods.count("DPO-PL") >= 2
+    for method in ("Preferred-FT", "Unlikelihood", "PPO", "PPO-GT"):  # several points along each run
+        steps = [r["step"] for r in rows if r["method"] == method]
+        assert len(steps) >= 3 and steps == sorted(steps), (method, steps)
+    assert [r["step"] for r in rows if r["method"] == "PPO"] == [1, 2, 3, 4]
+    for method in ("Best-of-N", "Best-of-N (RM)"):  # N = 2, 4; the KL is the analytic bound log N - (N-1)/N
+        bon = [r for r in rows if r["method"] == method]
+        assert [r["best_of"] for r in bon] == [2, 4] and all(r["kl_estimate"].startswith("upper bound") for r in bon)
+        assert [round(r["kl"], 4) for r in bon] == [0.1931, 0.6363] and all(r["n"] == 8 for r in bon)
+    samples = json.load(open(out / "best_of_n_samples.json"))
+    assert len(samples["completions"]) == len(samples["rewards"]) == len(samples["rm_scores"]) == 8 * 4
+    summary = json.load(open(out / "summary.json"))
+    assert 0 <= summary["reward_model_accuracy"] <= 1
+    assert summary["reward_model_accuracy"] == json.load(open(out / "reward_model/accuracy.json"))["heldout_accuracy"]
     rankings = [json.loads(l) for l in open(out / "rankings.jsonl")]
     assert all(len(r["responses_ids"]) == 4 and r["rewards"] == sorted(r["rewards"], reverse=True) for r in rankings)
     for method in ("DPO", "DPO-PL"):  # the last checkpoint of each run carries its implicit-reward statistics
@@ -89,8 +138,10 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
     sft_w = from_pretrained(str(out / "sft")).state_dict()
     last = max((d for d in os.listdir(out / "dpo-beta0.1") if d.startswith("step-")), key=lambda d: int(d[5:]))
     last_pl = max((d for d in os.listdir(out / "dpo-pl-beta0.1") if d.startswith("step-")), key=lambda d: int(d[5:]))
-    for folder in (out / "dpo-beta0.1" / last, out / "preferred-ft", out / "unlikelihood-alpha0.1",
-                   out / "dpo-pl-beta0.1" / last_pl):
+    last_ft = max((d for d in os.listdir(out / "preferred-ft") if d.startswith("step-")), key=lambda d: int(d[5:]))
+    last_ul = max((d for d in os.listdir(out / "unlikelihood-alpha0.1") if d.startswith("step-")), key=lambda d: int(d[5:]))
+    for folder in (out / "dpo-beta0.1" / last, out / "preferred-ft" / last_ft, out / "unlikelihood-alpha0.1" / last_ul,
+                   out / "dpo-pl-beta0.1" / last_pl, out / "ppo-gt" / "step-4", out / "ppo" / "step-4"):
         trained = from_pretrained(str(folder)).state_dict()
         assert [k for k in sft_w if not torch.equal(sft_w[k], trained[k])] == ["lm_head.weight"], folder
     # a second run finds every stage cached and gives the same table

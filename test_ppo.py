@@ -318,3 +318,25 @@ def test_ppo_train_ppo_raises_the_reward_and_keeps_the_trunk():
     assert last > first + 0.1, [round(h["score"], 3) for h in history]
     assert history[-1]["kl_coef"] != history[0]["kl_coef"]
     assert all(torch.equal(v, policy.state_dict()[k]) for k, v in trunk_before.items())
+
+
+def test_ppo_value_lr_trains_the_value_head_alone_when_the_policy_lr_is_zero():
+    """value_lr is the value head's own learning rate: with lr 0 the policy stays bit-identical (every rollout comes
+    from pi_ref, so the sampled KL is 0 throughout) while the value head, at value_lr, fits the returns (a score of
+    1 at the last token, no KL, gamma = lambda = 1: R_t = 1 everywhere), from a loss of 0.5 * (0 - 1)^2 = 0.5 at
+    V = 0 (the first minibatch) to under 0.05. With value_lr None it takes lr, here 0: the loss stays 0.5."""
+    policy = train_only_head(tiny_gpt(tied=False))
+    reference = tiny_gpt(tied=False)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    prompts = [[1, i] for i in range(2, 16)]
+    reward_fn = lambda sequences: torch.ones(len(sequences))  # noqa: E731
+    losses = {}
+    for value_lr in (0.05, None):
+        cfg = ppo.PPOConfig(iterations=6, batch_size=16, minibatch_size=16, lr=0.0, value_lr=value_lr,
+                            max_new_tokens=4, kl_coef=0.1, adaptive_kl=False, lam=1.0, value_clip=10.0, eos_id=1)
+        history = ppo.train_ppo(policy, reference, reward_fn, prompts, cfg, log=None)
+        assert all(torch.equal(v, policy.state_dict()[k]) for k, v in before.items())
+        assert all(abs(h["kl"]) < 1e-5 for h in history)
+        losses[value_lr] = [h["value_loss"] for h in history]
+    assert losses[0.05][-1] < 0.05 and losses[0.05][-1] < losses[0.05][0] < 0.5, losses
+    assert all(abs(v - 0.5) < 1e-6 for v in losses[None]), losses

@@ -211,9 +211,11 @@ def test_train_sequences_lowers_the_loss_and_validates_arguments():
     model = tiny_gpt(5, vocab_size=11, block_size=16)
     model.requires_grad_(True)
     prompts, completions = [[10, 1], [10, 2]] * 4, [[3, 4, 0], [5, 6, 0]] * 4
+    seen = []  # the callback runs after every step, with the model as trained so far
     losses = sft.train_sequences(model, prompts, completions, epochs=15, batch_size=4, lr=3e-2, warmup=1,
-                                 generator=torch.Generator().manual_seed(0), log=lambda s: None)
-    assert len(losses) == 30
+                                 generator=torch.Generator().manual_seed(0), log=lambda s: None,
+                                 callback=lambda step, m: seen.append((step, m is model)))
+    assert len(losses) == 30 and seen == [(step, True) for step in range(1, 31)]
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(ValueError):
         sft.train_sequences(model, prompts, completions, steps=1, epochs=1, log=lambda s: None)
