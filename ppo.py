@@ -84,6 +84,10 @@ class Rollout:
     logps: torch.Tensor           # (B, T) log pi(y_t | s_t) under the policy that sampled, 0 off the mask
     mask: torch.Tensor            # (B, T) bool, True on response tokens (through the first EOS)
 
+    def rows(self, index):
+        """The Rollout of some of its rows (index: a LongTensor or a slice)."""
+        return Rollout(*(getattr(self, f.name)[index] for f in dataclasses.fields(Rollout)))
+
     def sequences(self):
         """The prompt + response token lists (no padding): what reward_fn scores."""
         prompt_length = self.input_ids.size(1) - self.response.size(1)
@@ -276,14 +280,22 @@ def ppo_update(batch, evaluate, optimizer, cfg, generator=None):
     return dict(zip(("policy_loss", "value_loss", "clip_fraction"), (totals / n).tolist()))
 
 
+@torch.no_grad()
+def reference_logps_and_values(reference, policy, value_head, roll, chunk):
+    """log pi_ref(y_t|s_t) and V_old(s_t) of a Rollout's response tokens, (B, T) each, computed `chunk` rollouts
+    at a time: one pass over the paper's 1,024 rollouts of 48 tokens would hold (B, T, V) float32 logits, ~10 GB.
+    Equals the one-pass response_logps / value_head(response_hidden) (test_ppo.py -k chunk)."""
+    parts = [roll.rows(slice(s, s + chunk)) for s in range(0, roll.mask.size(0), chunk)]
+    return (torch.cat([response_logps(reference, p) for p in parts]),                      # (B, T)
+            torch.cat([value_head(response_hidden(policy, p)) for p in parts]))            # (B, T)
+
+
 def ppo_step(policy, value_head, reference, reward_fn, prompts, optimizer, kl_controller, cfg, generator):
     """One PPO iteration on a list of prompts: rollouts, scores, shaped rewards, GAE, then ppo_update.
     Returns its stats: score, kl (mean sequence log pi/pi_ref), kl_coef (the beta used), length, losses."""
     roll = rollout(policy, prompts, cfg.max_new_tokens, cfg.eos_id, generator)
     score = torch.as_tensor(reward_fn(roll.sequences()), dtype=torch.float32).to(roll.mask.device)  # (B,)
-    with torch.no_grad():
-        ref_logps = response_logps(reference, roll)                                        # (B, T)
-        values = value_head(response_hidden(policy, roll))                                 # (B, T) V_old
+    ref_logps, values = reference_logps_and_values(reference, policy, value_head, roll, cfg.minibatch_size)
     kl_coef = kl_controller.value                                                          # beta of (1)
     rewards = shaped_rewards(score, roll.logps, ref_logps, roll.mask, kl_coef)             # (B, T) (2)
     advantages, returns = gae(rewards, values, roll.mask, cfg.gamma, cfg.lam)              # (B, T) (4)
@@ -291,7 +303,7 @@ def ppo_step(policy, value_head, reference, reward_fn, prompts, optimizer, kl_co
              "returns": returns, "mask": roll.mask}
 
     def evaluate(rows):  # the minibatch's log pi and V under the current weights, with grad
-        minibatch = Rollout(*(getattr(roll, field.name)[rows] for field in dataclasses.fields(Rollout)))
+        minibatch = roll.rows(rows)
         hidden = response_hidden(policy, minibatch)                                        # (b, T, C)
         return response_logps(policy, minibatch, hidden), value_head(hidden)               # (b, T) each
     stats = ppo_update(batch, evaluate, optimizer, cfg)

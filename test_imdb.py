@@ -152,6 +152,40 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not os.path.exists(IMDB), reason=f"IMDb archive not found at {IMDB} (set DPO_IMDB)")
+def test_gpu_preset_at_tiny_scale(tmp_path):
+    """The GPU preset's code path, which no card here runs: a base model loaded from a Hugging Face GPT-2 folder
+    (a random 1-block one), every weight trained (RMSprop, warm-up 150, the reward model too), evaluation every
+    --eval-every steps, and PPO as TRL's gpt2-sentiment: one lr for policy and value head, lambda 0.95, the KL
+    coefficient adapted toward the target, and the reference pass in minibatch-sized chunks (16 rollouts, 4 a
+    chunk). Only sizes are shrunk; the lr is raised so that one step visibly moves every weight."""
+    from machinery.hf import save_pretrained
+    from model import GPTConfig
+    torch.manual_seed(0)
+    base = tmp_path / "tiny-gpt2"
+    save_pretrained(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)), str(base))
+    out = tmp_path / "imdb"
+    args = ["--task", "imdb", "--preset", "gpu", "--out", str(out), "--imdb", IMDB, "--model", str(base),
+            "--sft-tokens", "2000", "--sft-batch-size", "4", "--n-prefixes", "24", "--max-new-tokens", "6",
+            "--betas", "0.1", "--alphas", "0.1", "--batch-size", "12", "--micro-batch-size", "6", "--eval-every", "4",
+            "--eval-prompts", "8", "--sample-batch-size", "16", "--classifier-epochs", "1", "--max-reviews", "300",
+            "--device", "cpu", "--lr", "1e-3", "--ppo-iterations", "4", "--ppo-batch-size", "16",
+            "--ppo-minibatch-size", "4", "--ppo-epochs", "1", "--ppo-lr", "1e-3", "--best-of-n", "2,4"]
+    assert dpo.main(args) == 0
+    summary = json.load(open(out / "summary.json"))
+    assert summary["config"]["optimizer"] == "rmsprop" and summary["config"]["trainable"] == "all"
+    rows = json.load(open(out / "results.json"))
+    steps = [r["step"] for r in rows if r["method"] == "DPO"]
+    assert len(steps) >= 3 and steps[:-1] == list(range(4, steps[-1], 4))  # every 4 steps, and the last
+    history = [json.loads(l) for l in open(out / "ppo-gt" / "history.jsonl")]
+    coefs = [h["kl_coef"] for h in history]
+    assert coefs[0] == 0.2 and len(set(coefs)) == 4  # adapted after every iteration
+    sft_w = from_pretrained(str(out / "sft")).state_dict()
+    for folder in (out / "dpo-beta0.1" / f"step-{steps[-1]}", out / "ppo-gt" / "step-4"):
+        trained = from_pretrained(str(folder)).state_dict()
+        assert all(not torch.equal(sft_w[k], trained[k]) for k in sft_w if k.endswith(".weight")), folder
+
+
+@pytest.mark.skipif(not os.path.exists(IMDB), reason=f"IMDb archive not found at {IMDB} (set DPO_IMDB)")
 def test_small_run_holds_out_one_prefix(tmp_path, capsys):
     # under 20 prefixes no group % 20 == 19 exists: the last prefix is held out instead (it used to end in a
     # traceback: reference log-probs of an empty held-out split)

@@ -157,6 +157,24 @@ def test_ppo_rollout_logps_equal_a_fresh_forward_without_cache():
         assert_close(ppo.response_logps(policy, roll) * roll.mask, roll.logps, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 12, 64])
+def test_ppo_reference_logps_and_values_in_chunks_equal_one_pass(chunk):
+    """The chunked pass ppo_step makes (the GPU preset: 1,024 rollouts in chunks of 64) equals one pass over the
+    whole batch, row for row, with a non-zero value head; chunks of 5 leave a ragged last chunk of 2."""
+    eos = 1
+    policy, reference = tiny_gpt(seed=0), tiny_gpt(seed=1)
+    prompts = [[eos, 5], [eos, 3, 4, 9], [eos, 2, 2, 2, 8, 7], [eos, 6, 6], [eos, 11], [eos, 12, 13, 14, 15]] * 2
+    roll = ppo.rollout(policy, prompts, max_new_tokens=8, eos_id=eos, generator=torch.Generator().manual_seed(0))
+    value_head = ppo.ValueHead(32)
+    torch.nn.init.normal_(value_head.linear.weight)
+    ref_logps, values = ppo.reference_logps_and_values(reference, policy, value_head, roll, chunk)
+    with torch.no_grad():
+        expected_values = value_head(ppo.response_hidden(policy, roll))
+        assert_close(ref_logps, ppo.response_logps(reference, roll), atol=1e-5, rtol=0)
+    assert_close(values, expected_values, atol=1e-5, rtol=0)
+    assert values.abs().mean() > 0.1 and ref_logps.shape == values.shape == roll.response.shape
+
+
 # ---- The reward model
 
 def test_ppo_reward_model_loss_is_bradley_terry():
