@@ -45,8 +45,8 @@ IMDB_PRESETS = {
                 warmup_steps=150, batch_size=64, micro_batch_size=8, baseline_lr=1e-6, eval_every=100,
                 eval_prompts=512, sample_batch_size=128, adam_eps=1e-8, trainable="all",
                 # the RLHF baselines (Appendix C.1): the reward model trains every weight (the paper: from gpt2-large,
-                # 3 epochs, the best epoch by validation accuracy; here from the SFT model, one epoch, as the issue
-                # asks); PPO with TRL's gpt2-sentiment settings (the paper's "TRL" run; PPOConfig's defaults) at the
+                # 3 epochs, the best epoch by validation accuracy; here the SFT model with a scalar head, one epoch);
+                # PPO with TRL's gpt2-sentiment settings (the paper's "TRL" run; PPOConfig's defaults) at the
                 # paper's 1,024 rollouts per PPO step, 100 steps (about 4 passes over the 25,000 prefixes)
                 rm_trainable="all", rm_epochs=1, rm_lr=1e-5, ppo_iterations=100, ppo_batch_size=1024,
                 ppo_minibatch_size=64, ppo_epochs=4, ppo_lr=1.41e-5, ppo_value_lr=0, ppo_kl_coef=0.2,
@@ -375,7 +375,7 @@ def dpo_stage(cfg, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp,
     kept along training (out/dpo-beta{beta}/step-N). Returns (method, key, beta, folder, step) per checkpoint."""
     runs = []  # (method, label key, value, checkpoint folder, step)
     steps_per_run = len(train_pairs) // cfg.batch_size
-    every = cfg.eval_every or max(1, math.ceil(steps_per_run / 4))  # 0: a quarter, half, three quarters, the end
+    every = _checkpoint_every(steps_per_run, cfg.eval_every)
     for beta in [float(b) for b in cfg.betas.split(",")]:
         out = os.path.join(cfg.out, f"dpo-beta{beta:g}")
         if not os.path.exists(os.path.join(out, "done")):
@@ -388,8 +388,7 @@ def dpo_stage(cfg, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp,
             log(f"DPO beta {beta:g}: {steps_per_run} steps")
             train(tcfg, train_pairs, eval_pairs, ref_lp=ref_lp, log=lambda s: None)
             open(os.path.join(out, "done"), "w").close()
-        steps = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step-"))
-        runs += [("DPO", "beta", beta, os.path.join(out, f"step-{s}"), s) for s in steps]
+        runs += _checkpoints("DPO", "beta", beta, out)
     return runs
 
 
@@ -409,7 +408,7 @@ def ranking_stage(cfg, train_rankings, TrainConfig, sft_dir, sft_model, eval_pai
     rankings = [r for r in ev.read_jsonl(path) if r["group"] not in held_out]
     per_step = max(1, cfg.batch_size // (cfg.n_samples * (cfg.n_samples - 1) // 2))  # 48 pairs = 8 prefixes' 6
     steps_per_run = len(rankings) // per_step
-    every = cfg.eval_every or max(1, math.ceil(steps_per_run / 4))
+    every = _checkpoint_every(steps_per_run, cfg.eval_every)
     reference = _cached_tensor(os.path.join(cfg.out, "reference_rankings.pt"), lambda: ev.completion_logps(
         sft_model, [r["prompt_ids"] for r in rankings for _ in r["responses_ids"]],
         [y for r in rankings for y in r["responses_ids"]], cfg.sample_batch_size).view(len(rankings), -1))  # (R, K)
@@ -424,8 +423,7 @@ def ranking_stage(cfg, train_rankings, TrainConfig, sft_dir, sft_model, eval_pai
             log(f"DPO-PL beta {beta:g}: {steps_per_run} steps of {per_step} rankings of {cfg.n_samples}")
             train_rankings(tcfg, rankings, reference, log=lambda s: None)
             open(os.path.join(out, "done"), "w").close()
-        steps = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step-"))
-        runs += [("DPO-PL", "beta", beta, os.path.join(out, f"step-{s}"), s) for s in steps]
+        runs += _checkpoints("DPO-PL", "beta", beta, out)
     return runs
 
 
@@ -448,7 +446,7 @@ def baseline_stages(cfg, sft_dir, train_pairs, device, log):
     chosen_, rejected_ = [p["chosen_ids"] for p in train_pairs], [p["rejected_ids"] for p in train_pairs]
     baselines = [("Preferred-FT", None, None, "nll")] + [("Unlikelihood", "alpha", float(a), "unlikelihood")
                                                          for a in cfg.alphas.split(",")]
-    every = cfg.eval_every or max(1, math.ceil(steps_per_run / 4))  # DPO's evaluation points
+    every = _checkpoint_every(steps_per_run, cfg.eval_every)  # DPO's evaluation points
     for method, key, value, objective in baselines:
         out = os.path.join(cfg.out, method.lower() + (f"-alpha{value:g}" if value is not None else ""))
         if not os.path.exists(os.path.join(out, "done")):
@@ -456,28 +454,40 @@ def baseline_stages(cfg, sft_dir, train_pairs, device, log):
             model = from_pretrained(sft_dir, device=device)
             if cfg.trainable == "head":  # the same weights train as in the DPO runs
                 train_only_head(model)
-
-            def save(step, model):  # at DPO's evaluation points
-                if step % every == 0 or step == steps_per_run:
-                    save_pretrained(model, os.path.join(out, f"step-{step}"))
             sft.train_sequences(model, prompts_, chosen_, steps=steps_per_run, batch_size=cfg.batch_size,
                                 lr=cfg.baseline_lr, objective=objective, rejected=rejected_, alpha=value or 0.0,
                                 generator=torch.Generator().manual_seed(cfg.seed), log=lambda s: None,
-                                groups=[p["group"] for p in train_pairs], callback=save)
+                                groups=[p["group"] for p in train_pairs],
+                                callback=_saver(out, every, steps_per_run))
             open(os.path.join(out, "done"), "w").close()
-        runs += [(method, key, value, os.path.join(out, f"step-{s}"), s) for s in _saved_steps(out)]
+        runs += _checkpoints(method, key, value, out)
     return runs
 
 
-def _saved_steps(folder):
-    """The N of folder/step-N, ascending."""
-    return sorted(int(d[5:]) for d in os.listdir(folder) if d.startswith("step-"))
+def _checkpoint_every(total, every=0):
+    """Steps between saved checkpoints: `every`, or 0 for a quarter of `total` (saved after a quarter, half, three
+    quarters and all of a run; _saver also saves the last step)."""
+    return every or max(1, math.ceil(total / 4))
+
+
+def _saver(out, every, total):
+    """A training callback (step, model, *stats) saving the model in out/step-N every `every` steps and at the last."""
+    def save(step, model, *_):
+        if step % every == 0 or step == total:
+            save_pretrained(model, os.path.join(out, f"step-{step}"))
+    return save
+
+
+def _checkpoints(method, key, value, out):
+    """A finished run's checkpoints out/step-N, ascending, as (method, label key, value, folder, step) tuples."""
+    steps = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step-"))
+    return [(method, key, value, os.path.join(out, f"step-{s}"), s) for s in steps]
 
 
 def reward_model_stage(cfg, sft_model, train_pairs, eval_pairs, device, log):
     """4d. The learned reward model of "PPO" (ppo.train_reward_model): the SFT model with a scalar head, fitted by
     Bradley-Terry to the training pairs DPO learns from; --rm-trainable head trains the scalar head alone on the
-    frozen SFT model, all every weight. Its ranking accuracy on the held-out pairs (those DPO reports its
+    frozen SFT model, all: every weight. Its ranking accuracy on the held-out pairs (those DPO reports its
     held-out accuracy on) is the number to compare with DPO's implicit reward. Saved in out/reward_model: head.pt,
     the trunk (model.safetensors) only when it trained, accuracy.json last. Returns (model, accuracy dict)."""
     folder = os.path.join(cfg.out, "reward_model")
@@ -529,21 +539,17 @@ def ppo_stage(cfg, method, reward_fn, sft_dir, sft_model, train_pairs, device, l
     if not os.path.exists(os.path.join(out, "done")):
         prompts = list({p["group"]: p["prompt_ids"] for p in train_pairs}.values())  # one per training prefix
         pcfg = ppo_config(cfg)
-        every = max(1, math.ceil(cfg.ppo_iterations / 4))
         policy = from_pretrained(sft_dir, device=device)
         if cfg.trainable == "head":
             train_only_head(policy)
-
-        def save(iteration, policy, stats):
-            if iteration % every == 0 or iteration == cfg.ppo_iterations:
-                save_pretrained(policy, os.path.join(out, f"step-{iteration}"))
         log(f"{method}: {cfg.ppo_iterations} iterations of {cfg.ppo_batch_size} rollouts")
         os.makedirs(out, exist_ok=True)
+        save = _saver(out, _checkpoint_every(cfg.ppo_iterations), cfg.ppo_iterations)
         history = ppo.train_ppo(policy, sft_model, reward_fn, prompts, pcfg, log=None, callback=save)
         with open(os.path.join(out, "history.jsonl"), "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
         open(os.path.join(out, "done"), "w").close()
-    return [(method, None, None, os.path.join(out, f"step-{s}"), s) for s in _saved_steps(out)]
+    return _checkpoints(method, None, None, out)
 
 
 def best_of_n_rows(method, true_rewards, selection_scores, sizes, prompts=None, completions=None, n_show=3):

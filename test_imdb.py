@@ -17,8 +17,8 @@ IMDB = os.environ.get("DPO_IMDB", os.path.join(HERE, "..", "shared", "data", "ac
 import dpo
 import imdb
 from data import EOS, decode, encode
-from machinery.hf import from_pretrained
-from model import GPT
+from machinery.hf import from_pretrained, save_pretrained
+from model import GPT, GPTConfig
 
 
 def test_four_samples_make_six_pairs_higher_reward_chosen():
@@ -158,8 +158,6 @@ def test_gpu_preset_at_tiny_scale(tmp_path):
     --eval-every steps, and PPO as TRL's gpt2-sentiment: one lr for policy and value head, lambda 0.95, the KL
     coefficient adapted toward the target, and the reference pass in minibatch-sized chunks (16 rollouts, 4 a
     chunk). Only sizes are shrunk; the lr is raised so that one step visibly moves every weight."""
-    from machinery.hf import save_pretrained
-    from model import GPTConfig
     torch.manual_seed(0)
     base = tmp_path / "tiny-gpt2"
     save_pretrained(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)), str(base))
