@@ -54,10 +54,11 @@ Derivation (plain-text math; code lines tagged `# (n)`)
 Defaults: the paper gives no PPO hyperparameters for IMDb; PPOConfig takes the classic gpt2-sentiment ones (TRL's
 example, after Ziegler et al.): 4 PPO epochs, lr 1.41e-5, initial KL coefficient 0.2 adaptive to target 6 nats
 with horizon 10,000, gamma 1, lambda 0.95, clip 0.2, value clip 0.2, value loss coefficient 0.1, AdamW
-(without weight decay).
+(without weight decay; the value head at the policy's lr unless value_lr is given).
 
 Which test proves what (test_ppo.py): gae -> a per-sequence Python loop; whiten, policy_loss, value_loss,
-shaped_rewards, AdaptiveKL -> hand arithmetic; rollout -> a fresh forward without the KV cache; reward_model_loss
+shaped_rewards, AdaptiveKL -> hand arithmetic; rollout -> a fresh forward without the KV cache;
+reference_logps_and_values (chunked) -> one pass; reward_model_loss
 -> the formula and its accuracy, train_reward_model -> held-out ranking; best_of_n_kl -> exact enumeration of the
 best-of-N distribution; the whole update -> convergence to pi* on toy.py's enumerable problem.
 """
