@@ -81,11 +81,12 @@ from data import InputError, read_hh, read_jsonl_pairs, tokenize_pair
 from machinery import memory
 from eval import batch_completion_logps
 from machinery.fast import batch_logps, keep_freed_memory, make_batch, micro_batches, shares_prompt
-from machinery.hf import load_model, save_pretrained
+from machinery.hf import load_model
 from machinery.hub import hh_path
 from machinery.lora import train_only_head
 from machinery.runtime import (Run, StepStats, all_reduce_sum, check_flags, model_tokenizer, run_command,
                                shard)
+from machinery.stages import Checkpoints
 from machinery.util import autocast, field, pick_device
 from machinery.util import parse_args as util_parse_args
 from model import token_logps
@@ -628,8 +629,8 @@ def train_rankings(cfg, rankings, reference_logps, log=print):
     (plackett_luce_loss) instead of K(K-1)/2 pairs (the IMDb experiment's --ranking-betas). rankings: a list of
     {"prompt_ids", "responses_ids": K token lists, best first}; reference_logps: (R, K) log pi_ref. The
     optimiser, warm-up, clipping and --trainable are train()'s (cfg is a TrainConfig; batch_size counts
-    rankings); one process, no resume. Writes cfg.out/step-N every save_every steps and at the end.
-    Returns (policy, per-step losses)."""
+    rankings); one process. Writes cfg.out/step-N every save_every steps and at the end (machinery.stages.
+    Checkpoints); with cfg.resume, continues from the newest. Returns (policy, per-step losses)."""
     check_config(cfg)
     if len(rankings) < cfg.batch_size:
         raise InputError(f"only {len(rankings)} rankings, fewer than one batch of {cfg.batch_size}; add data or lower "
@@ -641,8 +642,13 @@ def train_rankings(cfg, rankings, reference_logps, log=print):
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, trainable, device)
     steps_per_epoch = len(rankings) // cfg.batch_size
-    total_steps, history = cfg.steps or cfg.epochs * steps_per_epoch, []
-    for step in range(total_steps):
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    checkpoints = Checkpoints(cfg.out, cfg.save_every, total_steps, log=log)
+    start, saved = checkpoints.resume(policy, optimizer) if cfg.resume else (0, {})
+    if saved:
+        scheduler.load_state_dict(saved["scheduler"])
+    history = saved.get("history", [])
+    for step in range(start, total_steps):
         epoch, k = divmod(step, steps_per_epoch)
         order = torch.randperm(len(rankings), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         idx = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
@@ -658,8 +664,8 @@ def train_rankings(cfg, rankings, reference_logps, log=print):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         history.append(losses.mean().item())
+        checkpoints.maybe_save(step + 1, policy, optimizer, scheduler=scheduler.state_dict(), history=history)
         if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
-            save_pretrained(policy, os.path.join(cfg.out, f"step-{step + 1}"))
             log(f"rankings: step {step + 1}/{total_steps} | loss {sum(history[-10:]) / len(history[-10:]):.4f}")
     return policy, history
 

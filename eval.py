@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import judge as judge_lib
 from data import InputError
 from machinery.fast import logps as response_logps
 from machinery.hf import from_pretrained
@@ -533,10 +534,20 @@ class EvalConfig:
     temperature: float = field(1.0, "sampling temperature")
     classifier_epochs: int = field(10, "epochs when training the classifier")
     curves: str = field(None, "plot this metrics.jsonl to a .png beside it")
-    out: str = field(None, "write the result as JSON here")
+    out: str = field(None, "write the result as JSON here (with --win-rate: the folder for judgments.jsonl, "
+                           "win_rate.json and the judge's cache)")
     imdb: str = field(None, "IMDb archive or extracted folder (default: $DPO_IMDB, else download)")
     device: str = field("cpu", "cpu, cuda or mps")
-    seed: int = field(0, "seed for prompts and sampling")
+    seed: int = field(0, "seed for prompts and sampling (with --win-rate: for each sample's A/B order)")
+    win_rate: str = field(None, "SAMPLES.jsonl (prompt, response, baseline per line): the judge's win rate of "
+                                "response over baseline, instead of the IMDb evaluation (judge.py)")
+    judge: str = field("api", "--win-rate judge: api (an OpenAI-compatible chat server; key in $OPENAI_API_KEY, "
+                              "not needed on localhost) or rm (an offline reward model, judge.train_rm_judge)")
+    judge_url: str = field(judge_lib.DEFAULT_URL, "--judge api: the server's base URL (requests go to URL/chat/completions)")
+    judge_model: str = field(None, "--judge api: the model name (e.g. gpt-4o); --judge rm: the reward-model folder")
+    judge_prompt: str = field("dialogue", "the paper's judge prompt: dialogue, summarization or news (App. C.2)")
+    judge_workers: int = field(4, "--judge api: requests in flight at once")
+    max_judge_calls: int = field(None, "refuse a --win-rate run that needs more uncached judge calls than this")
 
 
 def parse_args(argv=None):
@@ -546,6 +557,12 @@ def parse_args(argv=None):
 
 def run(cfg):
     torch.manual_seed(cfg.seed)
+    if cfg.win_rate:
+        judge_lib.main(judge_lib.JudgeConfig(
+            samples=cfg.win_rate, out=cfg.out, judge=cfg.judge, model=cfg.judge_model, url=cfg.judge_url,
+            prompt=cfg.judge_prompt, workers=cfg.judge_workers, max_calls=cfg.max_judge_calls, seed=cfg.seed,
+            device=cfg.device))
+        return
     if cfg.curves:
         png = os.path.splitext(cfg.curves)[0] + ".png"
         plot_training_curves(cfg.curves, png)

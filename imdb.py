@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -33,7 +34,10 @@ from machinery.fast import reference_logps
 from machinery.hf import from_pretrained, save_pretrained
 from machinery.hub import imdb_path
 from machinery.lora import train_only_head
+from machinery.integrity import atomic_write, save_torch, write_json
 from machinery.runtime import TrainingError
+from machinery.runtime import check_flags as runtime_check_flags
+from machinery.stages import Checkpoints, Stages, flag, keyed_json
 from machinery.tokenizers import load_tokenizer
 from machinery.util import field, parse_args, pick_device
 from model import GPT
@@ -68,12 +72,21 @@ IMDB_PRESETS = {
                 ppo_batch_size=64, ppo_minibatch_size=64, ppo_epochs=4, ppo_lr=5e-4, ppo_value_lr=1e-2,
                 ppo_kl_coef=0.05, ppo_kl_target=0, ppo_lam=1.0, best_of_n="2,4,8,16"),
 }
+# Every stage in about a minute on 2 cores, for trying the pipeline and for bug reports (the tests' micro run):
+# the CPU preset with a 1-block model, 300 reviews a split, 24 prefixes, 6-token samples, 4 PPO iterations of 8.
+IMDB_PRESETS["tiny"] = {**IMDB_PRESETS["cpu"], **dict(
+    model="scratch:1,2,32", sft_tokens=8000, n_prefixes=24, max_new_tokens=6, betas="0.1", alphas="0.1",
+    batch_size=12, micro_batch_size=6, eval_prompts=8, classifier_epochs=1, max_reviews=300, ppo_iterations=4,
+    ppo_batch_size=8, ppo_minibatch_size=8, ppo_epochs=1, best_of_n="2,4")}
+for _preset in ("gpu", "cpu"):
+    IMDB_PRESETS[_preset].update(classifier_epochs=10, max_reviews=0)
 
 
 @dataclasses.dataclass
 class ImdbConfig:
     out: str = field("runs/imdb", "output folder: one sub-folder per stage, results.csv/json, frontier.png")
-    preset: str = field("auto", "gpu (the paper's setup), cpu (about 19 min on 2 cores) or auto (gpu if one is present)")
+    preset: str = field("auto", "gpu (the paper's setup), cpu (about 19 min on 2 cores), tiny (every stage in about a "
+                        "minute, for trying the pipeline) or auto (gpu if one is present)")
     model: str = field(None, "base model: scratch, scratch:L,H,C, a hub name or folder (preset's if unset)")
     sft_tokens: int = field(None, "SFT training tokens; 0 = one epoch of IMDb train")
     sft_lr: float = field(None, "SFT peak learning rate")
@@ -114,11 +127,11 @@ class ImdbConfig:
     ppo_lam: float = field(None, "GAE lambda (1: each token's advantage is the sampled return minus V, no bootstrapping)")
     best_of_n: str = field(None, "Best-of-N sizes N, comma-separated, from one draw of the largest N samples of pi_SFT per "
                            "evaluation prefix; empty: no Best-of-N")
-    classifier_epochs: int = field(10, "epochs of the bag-of-tokens reward classifier")
+    classifier_epochs: int = field(None, "epochs of the bag-of-tokens reward classifier")
     reward: str = field("bow", "ground-truth reward: bow (the project's bag-of-tokens classifier, trained here) or "
                         "siebert (the paper's siebert/sentiment-roberta-large-english; falls back to bow with a printed "
                         "note when its weights cannot be loaded), or a local folder")
-    max_reviews: int = field(0, "use only this many reviews per split (0 = all 25,000; for quick tests)")
+    max_reviews: int = field(None, "use only this many reviews per split (0 = all 25,000)")
     imdb: str = field(None, "IMDb archive or extracted folder (default: $DPO_IMDB, else download)")
     device: str = field("auto", "cuda, mps or cpu (auto: the first available)")
     seed: int = field(0, "seeds every stage")
@@ -130,7 +143,7 @@ class ImdbConfig:
             preset = "gpu" if torch.cuda.is_available() else "cpu"
             print(f"--preset auto: {'a GPU is' if preset == 'gpu' else 'no GPU'} present, using the {preset} preset")
         if preset not in IMDB_PRESETS:
-            raise InputError(f"--preset {self.preset}: use gpu, cpu or auto")
+            raise InputError(f"--preset {self.preset}: use gpu, cpu, tiny or auto")
         values = {k: (IMDB_PRESETS[preset].get(k) if v is None else v) for k, v in dataclasses.asdict(self).items()}
         return dataclasses.replace(self, **{**values, "preset": preset})
 
@@ -165,15 +178,13 @@ def make_ranking(prompt_ids, completions, rewards, group):
 
 
 def _cached_json(path, compute, what):
-    """Runs compute() and stores its JSON result at path, or reads it back if a previous run did."""
+    """Runs compute() and stores its JSON result at path (atomically), or reads it back if a previous run did."""
     if os.path.exists(path):
         print(f"{what}: cached in {path}")
         with open(path) as f:
             return json.load(f)
     result = compute()
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, result)
     return result
 
 
@@ -182,6 +193,65 @@ def held_out_groups(groups):
     for one of those to have pairs, the last prefix (none when there is only one)."""
     held = {g for g in range(len(groups)) if g % 20 == 19} & set(groups)
     return held or (set(sorted(groups)[-1:]) if len(groups) >= 2 else set())
+
+
+def numbers(cfg, name, kind=float, low=0.0, strict=True, empty=False):
+    """A comma-separated flag's values, each checked: --betas 0.1,1 -> [0.1, 1.0]; one line naming the flag if bad."""
+    text = getattr(cfg, name)
+    try:
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = None
+    ok = values is not None and (values or empty) and all(math.isfinite(v) and (v > low if strict else v >= low)
+                                                          for v in values)
+    if not ok:
+        what = f"{'integers' if kind is int else 'numbers'} {'>' if strict else '>='} {low:g}, comma-separated"
+        raise InputError(f"{flag(name)} {text!r}: use {what}{' (empty: none)' if empty else ''}")
+    return values
+
+
+def check_flags(cfg, TrainConfig):
+    """Every flag of the experiment, before the first stage: a bad value is refused in one line naming it (it used
+    to surface as a traceback after earlier stages had run). Then the trainer's own flags, as DPO will see them."""
+    at_least = {1: ("n_samples", "max_new_tokens", "sft_batch_size", "batch_size", "micro_batch_size", "eval_prompts",
+                    "sample_batch_size", "rm_epochs", "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs",
+                    "classifier_epochs", "n_prefixes"),
+                0: ("sft_tokens", "eval_every", "warmup_steps", "ppo_iterations", "max_reviews")}
+    for low, names in at_least.items():
+        for name in names:
+            if getattr(cfg, name) < low:
+                raise InputError(f"{flag(name)} {getattr(cfg, name)}: must be at least {low}")
+    for name in ("sft_lr", "lr", "baseline_lr", "rm_lr", "ppo_lr", "adam_eps"):
+        if not 0 < getattr(cfg, name) < math.inf:
+            raise InputError(f"{flag(name)} {getattr(cfg, name)}: must be a positive number")
+    for name in ("ppo_value_lr", "ppo_kl_coef", "ppo_kl_target"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise InputError(f"{flag(name)} {getattr(cfg, name)}: must be a number >= 0")
+    if not 0 <= cfg.ppo_lam <= 1:
+        raise InputError(f"--ppo-lam {cfg.ppo_lam}: GAE lambda lies in [0, 1]")
+    if cfg.ppo_minibatch_size > cfg.ppo_batch_size:
+        raise InputError(f"--ppo-minibatch-size {cfg.ppo_minibatch_size} exceeds --ppo-batch-size {cfg.ppo_batch_size}")
+    numbers(cfg, "betas")
+    numbers(cfg, "ranking_betas", empty=True)
+    numbers(cfg, "alphas", low=0, strict=False, empty=True)
+    numbers(cfg, "best_of_n", kind=int, low=1, strict=False, empty=True)
+    for name, choices in (("trainable", ("all", "head")), ("rm_trainable", ("all", "head"))):
+        if getattr(cfg, name) not in choices:
+            raise InputError(f"{flag(name)} {getattr(cfg, name)}: use {' or '.join(choices)}")
+    if cfg.reward not in ("bow", "siebert") and not os.path.isdir(cfg.reward):
+        raise InputError(f"--reward {cfg.reward}: use bow, siebert or a folder holding a RoBERTa classifier")
+    if cfg.model.startswith("scratch:"):
+        try:
+            n_layer, n_head, n_embd = (int(v) for v in cfg.model[len("scratch:"):].split(","))
+            assert min(n_layer, n_head, n_embd) >= 1 and n_embd % n_head == 0
+        except (ValueError, AssertionError):
+            raise InputError(f"--model {cfg.model}: write scratch:LAYERS,HEADS,CHANNELS (channels a multiple of "
+                             f"the heads), e.g. scratch:2,2,64") from None
+    elif cfg.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(cfg.model)):
+        raise InputError(f"--model {cfg.model}: no such folder")
+    check_size(cfg)
+    for beta in numbers(cfg, "betas"):  # what DPO's trainer will be given, checked by its own rules now
+        runtime_check_flags(dpo_config(cfg, TrainConfig, beta, "<sft>", os.path.join(cfg.out, "x"), 1, cfg.device))
 
 
 def check_size(cfg):
@@ -214,43 +284,105 @@ def run(cfg, train, TrainConfig, log=print, train_rankings=None):
     train, TrainConfig and train_rankings are dpo.py's, passed in by dpo.main: the pipeline drives the trainers
     without importing dpo.py back (without train_rankings, no DPO-PL). Each stage caches its result under cfg.out."""
     cfg = cfg.resolved()
-    check_size(cfg)
+    check_flags(cfg, TrainConfig)  # every flag, before the first stage
     device = pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     times, t_start = {}, time.time()
     log("imdb config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    stages = plan(cfg, train_rankings is not None, log)
+    stages.explain(final=REPORT_FILES)  # which stages are reused, resumed or (re)computed, and why
 
     def stage(name):
         times[name] = time.time() - t_start - sum(times.values())
 
     train_reviews, test_reviews = read_reviews(cfg)
     stage("read IMDb")
-    sft_dir, sft_model = sft_stage(cfg, train_reviews, device, log)
+    sft_dir, sft_model = sft_stage(cfg, stages, train_reviews, device, log)
     stage("SFT")
-    classifier, clf_acc = reward_stage(cfg, train_reviews, test_reviews, device, log)
+    classifier, clf_acc = reward_stage(cfg, stages, train_reviews, test_reviews, device, log)
     stage("reward model")
-    train_pairs, eval_pairs = pairs_stage(cfg, train_reviews, sft_model, classifier, device, log)
+    train_pairs, eval_pairs = pairs_stage(cfg, stages, train_reviews, sft_model, classifier, device, log)
     stage("pairs")
-    ref_lp = reference_stage(cfg, sft_model, train_pairs, eval_pairs, device)
+    ref_lp = reference_stage(cfg, stages, sft_model, train_pairs, eval_pairs, device)
     stage("reference log-probs")
-    runs = dpo_stage(cfg, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp, device, log)
+    runs = dpo_stage(cfg, stages, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp, device, log)
     if train_rankings is not None:
-        runs += ranking_stage(cfg, train_rankings, TrainConfig, sft_dir, sft_model, eval_pairs, device, log)
-    runs += baseline_stages(cfg, sft_dir, train_pairs, device, log)
+        runs += ranking_stage(cfg, stages, train_rankings, TrainConfig, sft_dir, sft_model, eval_pairs, device, log)
+    runs += baseline_stages(cfg, stages, sft_dir, train_pairs, device, log)
     stage("training")
-    reward_model, rm_acc = reward_model_stage(cfg, sft_model, train_pairs, eval_pairs, device, log)
+    reward_model, rm_acc = reward_model_stage(cfg, stages, sft_model, train_pairs, eval_pairs, device, log)
     stage("reward model of PPO")
-    runs += ppo_stage(cfg, "PPO-GT", classifier.score, sft_dir, sft_model, train_pairs, device, log)
-    runs += ppo_stage(cfg, "PPO", reward_model.score, sft_dir, sft_model, train_pairs, device, log)
+    runs += ppo_stage(cfg, stages, "PPO-GT", classifier.score, sft_dir, sft_model, train_pairs, device, log)
+    runs += ppo_stage(cfg, stages, "PPO", reward_model.score, sft_dir, sft_model, train_pairs, device, log)
     stage("PPO")
-    rows = evaluation_stage(cfg, runs, sft_dir, sft_model, classifier, test_reviews, device)
+    rows = evaluation_stage(cfg, stages, runs, sft_dir, sft_model, classifier, test_reviews, device, log)
     stage("evaluation")
-    rows += best_of_n_stage(cfg, sft_model, classifier, reward_model, test_reviews, device, log)
+    rows += best_of_n_stage(cfg, stages, sft_model, classifier, reward_model, test_reviews, device, log)
     stage("best-of-N")
-    implicit_reward_stage(cfg, runs, rows, sft_model, classifier, test_reviews, device, log)
+    implicit_reward_stage(cfg, stages, runs, rows, sft_model, classifier, test_reviews, device, log)
     stage("implicit reward")
     report(cfg, rows, clf_acc, rm_acc, times, t_start, log)
     return rows
+
+
+REPORT_FILES = ("results.csv", "results.json", "frontier.png", "summary.json", "implicit-reward.png")
+
+
+def plan(cfg, with_rankings, log):
+    """Every stage of the run, keyed on the flags that feed it and on its inputs (machinery/stages.py): a changed
+    flag recomputes the stages it feeds and everything downstream of them, nothing else."""
+    stages = Stages(cfg.out, log)
+    add = stages.add
+
+    def flags(*names):
+        return {n: getattr(cfg, n) for n in names}
+    reviews = {"imdb": imdb_identity(cfg), **flags("max_reviews", "seed")}
+    add("sft", {**reviews, **flags("model", "sft_tokens", "sft_lr", "sft_batch_size")}, [], ["sft", "sft-checkpoints"])
+    add("classifier", {**reviews, **flags("reward", "classifier_epochs")}, [],
+        ["classifier.pt", "classifier_accuracy.json", "reward_accuracy.json"])
+    add("pairs", {**reviews, **flags("n_prefixes", "n_samples", "max_new_tokens", "sample_batch_size")},
+        ["sft", "classifier"], ["pairs.jsonl", "rankings.jsonl"])
+    add("reference", flags("micro_batch_size"), ["sft", "pairs"], ["reference_logps.pt"])
+    training = flags("optimizer", "lr", "warmup_steps", "batch_size", "eval_every", "adam_eps", "trainable", "seed")
+    for beta in numbers(cfg, "betas"):
+        add(f"dpo-beta{beta:g}", {**training, **flags("micro_batch_size"), "beta": beta}, ["sft", "pairs", "reference"],
+            [f"dpo-beta{beta:g}"])
+    if with_rankings and numbers(cfg, "ranking_betas", empty=True):
+        add("reference-rankings", flags("sample_batch_size"), ["sft", "pairs"], ["reference_rankings.pt"])
+        for beta in numbers(cfg, "ranking_betas", empty=True):
+            add(f"dpo-pl-beta{beta:g}", {**training, **flags("n_samples"), "beta": beta},
+                ["sft", "pairs", "reference-rankings"], [f"dpo-pl-beta{beta:g}"])
+    baseline = flags("baseline_lr", "batch_size", "eval_every", "trainable", "seed")
+    add("preferred-ft", baseline, ["sft", "pairs"], ["preferred-ft"])
+    for alpha in numbers(cfg, "alphas", low=0, strict=False, empty=True):
+        add(f"unlikelihood-alpha{alpha:g}", {**baseline, "alpha": alpha}, ["sft", "pairs"], [f"unlikelihood-alpha{alpha:g}"])
+    add("reward_model", flags("rm_trainable", "rm_epochs", "rm_lr", "micro_batch_size", "seed"), ["sft", "pairs"],
+        ["reward_model", "reward_model-checkpoints"])
+    if cfg.ppo_iterations > 0:
+        rl = flags("ppo_iterations", "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr", "ppo_value_lr",
+                   "ppo_kl_coef", "ppo_kl_target", "ppo_lam", "max_new_tokens", "trainable", "seed")
+        add("ppo-gt", rl, ["sft", "pairs", "classifier"], ["ppo-gt"])
+        add("ppo", rl, ["sft", "pairs", "reward_model"], ["ppo"])
+    evaluation = {**reviews, **flags("eval_prompts", "max_new_tokens", "sample_batch_size")}
+    sizes = numbers(cfg, "best_of_n", kind=int, low=1, strict=False, empty=True)
+    if sizes:
+        add("best-of-n", {**evaluation, "largest_n": max(sizes)}, ["sft", "classifier", "reward_model"],
+            ["best_of_n_samples.json"])
+    add("implicit-samples", {**evaluation, **flags("n_samples")}, ["sft", "classifier"], ["implicit_samples.json"])
+    stages.evaluation = evaluation  # what each policy's eval.json is keyed on, with the policy's stage
+    return stages
+
+
+def imdb_identity(cfg):
+    """The IMDb data as a stage input: the archive's (or folder's) name and size, not its path (a copy elsewhere is
+    the same data). Offline and absent: the path as given (reading it then fails in one line)."""
+    try:
+        path = imdb_path(cfg.imdb)
+    except InputError:
+        return str(cfg.imdb)
+    size = os.path.getsize(path) if os.path.isfile(path) else sum(
+        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    return f"{os.path.basename(os.path.normpath(path))} {size} bytes"
 
 
 def read_reviews(cfg):
@@ -264,13 +396,15 @@ def read_reviews(cfg):
     return train_reviews, test_reviews
 
 
-def sft_stage(cfg, train_reviews, device, log):
-    """1. SFT: the base model (or a scratch GPT) trained on IMDb train reviews, saved in out/sft.
+def sft_stage(cfg, stages, train_reviews, device, log):
+    """1. SFT: the base model (or a scratch GPT) trained on IMDb train reviews, saved in out/sft (checkpoints along
+    the way in out/sft-checkpoints, a tenth of the run apart, removed at the end).
     Returns the folder and the frozen SFT model (the reference, and the sampler of the pairs)."""
     sft_dir = os.path.join(cfg.out, "sft")
-    if os.path.exists(os.path.join(sft_dir, "model.safetensors")):
+    if stages.done("sft"):
         log(f"SFT: cached in {sft_dir}")
     else:
+        stages.begin("sft")
         tokens = sft.review_tokens(train_reviews)
         if cfg.model.startswith("scratch"):
             shape = cfg.model.partition(":")[2]
@@ -290,13 +424,17 @@ def sft_stage(cfg, train_reviews, device, log):
         n_tokens = cfg.sft_tokens or len(tokens)  # 0: one epoch
         steps = max(1, n_tokens // (cfg.sft_batch_size * seq_len))
         log(f"SFT: {model.num_params() / 1e6:.1f}M parameters, {steps} steps of {cfg.sft_batch_size}x{seq_len} tokens")
+        checkpoints = Checkpoints(os.path.join(cfg.out, "sft-checkpoints"), math.ceil(steps / 10), steps, keep=False,
+                                  log=log)
         sft.train_lm(model, tokens, steps, cfg.sft_batch_size, seq_len, cfg.sft_lr,
-                     generator=torch.Generator().manual_seed(cfg.seed), log=log)
+                     generator=torch.Generator().manual_seed(cfg.seed), log=log, checkpoints=checkpoints)
         save_pretrained(model, sft_dir)
+        shutil.rmtree(checkpoints.folder)
+        stages.finish("sft")
     return sft_dir, from_pretrained(sft_dir, device=device).requires_grad_(False)
 
 
-def reward_stage(cfg, train_reviews, test_reviews, device, log):
+def reward_stage(cfg, stages, train_reviews, test_reviews, device, log):
     """2. The ground-truth reward r*(x, y) = P(positive | x + y) and its test accuracy: the bag-of-tokens
     classifier (trained here, out/classifier.pt) or, with --reward siebert or a folder, a RoBERTa one."""
     classifier = None  # --reward siebert or a folder: a RoBERTa sentiment classifier (the paper's choice)
@@ -307,31 +445,38 @@ def reward_stage(cfg, train_reviews, test_reviews, device, log):
         except (InputError, OSError) as e:
             log(f"reward classifier: cannot load {cfg.reward} ({e}); using the bag-of-tokens classifier instead")
     clf_path = os.path.join(cfg.out, "classifier.pt")
-    if classifier is None and os.path.exists(clf_path):
+    done = stages.done("classifier")
+    if not done:
+        stages.begin("classifier")
+    if classifier is None and done:
         classifier = ev.BowClassifier.load(clf_path)
         log(f"reward classifier: cached in {clf_path}")
     elif classifier is None:
         classifier = ev.train_classifier(train_reviews, epochs=cfg.classifier_epochs,
                                          generator=torch.Generator().manual_seed(cfg.seed), log=log)
-        classifier.save(clf_path)
+        classifier.save(clf_path + ".tmp")
+        os.replace(clf_path + ".tmp", clf_path)
     bow = isinstance(classifier, ev.BowClassifier)  # a RoBERTa reward is checked on ~2,000 test reviews, not 25,000
     acc_reviews = test_reviews if bow else test_reviews[::max(1, len(test_reviews) // 2000)]
     clf_acc = _cached_json(os.path.join(cfg.out, "classifier_accuracy.json" if bow else "reward_accuracy.json"),
                            lambda: {"test_accuracy": ev.accuracy(classifier, acc_reviews), "n": len(acc_reviews)},
                            "classifier accuracy")
+    if not done:
+        stages.finish("classifier")
     log(f"reward classifier: {100 * clf_acc['test_accuracy']:.1f}% on {clf_acc['n']} test reviews")
     return classifier, clf_acc
 
 
-def pairs_stage(cfg, train_reviews, sft_model, classifier, device, log):
+def pairs_stage(cfg, stages, train_reviews, sft_model, classifier, device, log):
     """3. Preference pairs (out/pairs.jsonl): n_samples completions of each train-review prefix from the SFT
     model, scored by r*, every pair of them; split into training pairs and held-out ones (held_out_groups)."""
     pairs_path, rankings_path = os.path.join(cfg.out, "pairs.jsonl"), os.path.join(cfg.out, "rankings.jsonl")
-    if os.path.exists(pairs_path):
+    if stages.done("pairs"):
         with open(pairs_path) as f:
             pairs = [json.loads(line) for line in f]
         log(f"pairs: cached in {pairs_path}")
     else:
+        stages.begin("pairs")
         g = torch.Generator().manual_seed(cfg.seed)
         prompts = ev.imdb_prompts(train_reviews, cfg.n_prefixes, generator=g)
         completions = ev.sample_completions(sft_model, prompts, cfg.n_samples, cfg.max_new_tokens,
@@ -343,10 +488,9 @@ def pairs_stage(cfg, train_reviews, sft_model, classifier, device, log):
             s = slice(i * cfg.n_samples, (i + 1) * cfg.n_samples)
             pairs += make_pairs(p, completions[s], rewards[s], group=i)
             rankings += [r for r in [make_ranking(p, completions[s], rewards[s], group=i)] if r]
-        for path, lines in ((rankings_path, rankings), (pairs_path, pairs)):  # pairs.jsonl last: it marks the stage done
-            with open(path + ".tmp", "w") as f:
-                f.writelines(json.dumps(x) + "\n" for x in lines)
-            os.replace(path + ".tmp", path)
+        for path, lines in ((rankings_path, rankings), (pairs_path, pairs)):
+            atomic_write(path, lambda f: f.writelines(json.dumps(x) + "\n" for x in lines))
+        stages.finish("pairs")
     groups = {p["group"] for p in pairs}
     held_out = held_out_groups(groups)
     train_pairs = [p for p in pairs if p["group"] not in held_out]
@@ -358,50 +502,50 @@ def pairs_stage(cfg, train_reviews, sft_model, classifier, device, log):
     return train_pairs, eval_pairs
 
 
-def reference_stage(cfg, sft_model, train_pairs, eval_pairs, device):
+def reference_stage(cfg, stages, sft_model, train_pairs, eval_pairs, device):
     """Reference log-probs (out/reference_logps.pt): one pass, reused by every run of the beta sweep."""
-    ref_path = os.path.join(cfg.out, "reference_logps.pt")
-    if os.path.exists(ref_path):
-        return torch.load(ref_path)
-    ref_lp = {"train": reference_logps(sft_model, train_pairs, cfg.micro_batch_size, device),  # pairs carry ids
-              "eval": reference_logps(sft_model, eval_pairs, cfg.micro_batch_size, device)}
-    torch.save(ref_lp, ref_path + ".tmp")
-    os.replace(ref_path + ".tmp", ref_path)
-    return ref_lp
+    return _stage_tensor(stages, "reference", os.path.join(cfg.out, "reference_logps.pt"), lambda: {
+        "train": reference_logps(sft_model, train_pairs, cfg.micro_batch_size, device),  # pairs carry ids
+        "eval": reference_logps(sft_model, eval_pairs, cfg.micro_batch_size, device)})
 
 
-def dpo_stage(cfg, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp, device, log):
+def dpo_config(cfg, TrainConfig, beta, sft_dir, out, every, device, resume=False):
+    """The TrainConfig of one DPO run of the sweep (also checked before the first stage: check_flags)."""
+    return TrainConfig(task="imdb", model=sft_dir, out=out, beta=beta, optimizer=cfg.optimizer, lr=cfg.lr,
+                       warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
+                       epochs=1, eval_every=every, save_every=every, keep_checkpoints=True, resume=resume,
+                       device=device, seed=cfg.seed, max_length=1024, max_prompt_length=16, adam_eps=cfg.adam_eps,
+                       trainable=cfg.trainable)
+
+
+def dpo_stage(cfg, stages, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp, device, log):
     """4a. DPO for each beta of the sweep: the project's trainer (dpo.py's train, passed in), checkpoints
-    kept along training (out/dpo-beta{beta}/step-N). Returns (method, key, beta, folder, step) per checkpoint."""
+    kept along training (out/dpo-beta{beta}/step-N); an interrupted run continues with the trainer's --resume.
+    Returns (method, key, beta, folder, step) per checkpoint."""
     runs = []  # (method, label key, value, checkpoint folder, step)
     steps_per_run = len(train_pairs) // cfg.batch_size
     every = _checkpoint_every(steps_per_run, cfg.eval_every)
-    for beta in [float(b) for b in cfg.betas.split(",")]:
-        out = os.path.join(cfg.out, f"dpo-beta{beta:g}")
-        if not os.path.exists(os.path.join(out, "done")):
-            tcfg = TrainConfig(task="imdb", model=sft_dir, out=out, beta=beta, optimizer=cfg.optimizer, lr=cfg.lr,
-                               warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
-                               micro_batch_size=cfg.micro_batch_size, epochs=1, eval_every=every, save_every=every,
-                               keep_checkpoints=True, overwrite=True, device=device, seed=cfg.seed,
-                               max_length=1024, max_prompt_length=16, adam_eps=cfg.adam_eps,
-                               trainable=cfg.trainable)
-            log(f"DPO beta {beta:g}: {steps_per_run} steps")
-            train(tcfg, train_pairs, eval_pairs, ref_lp=ref_lp, log=lambda s: None)
-            open(os.path.join(out, "done"), "w").close()
+    for beta in numbers(cfg, "betas"):
+        name = f"dpo-beta{beta:g}"
+        out = os.path.join(cfg.out, name)
+        if not stages.done(name):
+            stages.begin(name)
+            resume = os.path.exists(os.path.join(out, "checkpoint", "train_state.pt"))
+            log(f"DPO beta {beta:g}: {steps_per_run} steps{' (resuming)' if resume else ''}")
+            train(dpo_config(cfg, TrainConfig, beta, sft_dir, out, every, device, resume), train_pairs, eval_pairs,
+                  ref_lp=ref_lp, log=lambda s: None)
+            stages.finish(name)
         runs += _checkpoints("DPO", "beta", beta, out)
     return runs
 
 
-def ranking_stage(cfg, train_rankings, TrainConfig, sft_dir, sft_model, eval_pairs, device, log):
+def ranking_stage(cfg, stages, train_rankings, TrainConfig, sft_dir, sft_model, eval_pairs, device, log):
     """4c. DPO-PL for each beta of --ranking-betas: dpo.py's train_rankings on the ranking of each training prefix's
     samples (out/rankings.jsonl; the prefixes DPO trains on), as many prefixes per step as DPO's batch holds
     (batch_size / pairs per prefix), hence as many steps, with DPO's optimiser and checkpoints at the same
     fractions of the run. Returns its runs as dpo_stage."""
-    betas = [float(b) for b in cfg.ranking_betas.split(",") if b.strip()]
+    betas = numbers(cfg, "ranking_betas", empty=True)
     path = os.path.join(cfg.out, "rankings.jsonl")
-    if betas and not os.path.exists(path):
-        raise InputError(f"{path} is missing: {cfg.out} was made before DPO-PL existed; use a new --out, or "
-                         f"--ranking-betas '' to skip DPO-PL")
     if not betas:
         return []
     held_out = {p["group"] for p in eval_pairs}
@@ -409,35 +553,38 @@ def ranking_stage(cfg, train_rankings, TrainConfig, sft_dir, sft_model, eval_pai
     per_step = max(1, cfg.batch_size // (cfg.n_samples * (cfg.n_samples - 1) // 2))  # 48 pairs = 8 prefixes' 6
     steps_per_run = len(rankings) // per_step
     every = _checkpoint_every(steps_per_run, cfg.eval_every)
-    reference = _cached_tensor(os.path.join(cfg.out, "reference_rankings.pt"), lambda: ev.completion_logps(
+    reference = _stage_tensor(stages, "reference-rankings", os.path.join(cfg.out, "reference_rankings.pt"), lambda: ev.completion_logps(
         sft_model, [r["prompt_ids"] for r in rankings for _ in r["responses_ids"]],
         [y for r in rankings for y in r["responses_ids"]], cfg.sample_batch_size).view(len(rankings), -1))  # (R, K)
     runs = []
     for beta in betas:
-        out = os.path.join(cfg.out, f"dpo-pl-beta{beta:g}")
-        if not os.path.exists(os.path.join(out, "done")):
+        name = f"dpo-pl-beta{beta:g}"
+        out = os.path.join(cfg.out, name)
+        if not stages.done(name):
+            stages.begin(name)
             tcfg = TrainConfig(task="imdb", model=sft_dir, out=out, beta=beta, optimizer=cfg.optimizer, lr=cfg.lr,
                                warmup_steps=cfg.warmup_steps, batch_size=per_step, micro_batch_size=per_step,
                                epochs=1, save_every=every, device=device, seed=cfg.seed, adam_eps=cfg.adam_eps,
-                               trainable=cfg.trainable)
+                               trainable=cfg.trainable, resume=True)  # from its newest checkpoint, if any
             log(f"DPO-PL beta {beta:g}: {steps_per_run} steps of {per_step} rankings of {cfg.n_samples}")
             train_rankings(tcfg, rankings, reference, log=lambda s: None)
-            open(os.path.join(out, "done"), "w").close()
+            stages.finish(name)
         runs += _checkpoints("DPO-PL", "beta", beta, out)
     return runs
 
 
-def _cached_tensor(path, compute):
-    """compute() stored at path with torch.save, or read back."""
-    if os.path.exists(path):
+def _stage_tensor(stages, name, path, compute):
+    """The stage `name` whose one output is compute(), stored at path with torch.save, or read back if done."""
+    if stages.done(name):
         return torch.load(path)
+    stages.begin(name)
     result = compute()
-    torch.save(result, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_torch(path, result)
+    stages.finish(name)
     return result
 
 
-def baseline_stages(cfg, sft_dir, train_pairs, device, log):
+def baseline_stages(cfg, stages, sft_dir, train_pairs, device, log):
     """4b. Preferred-FT (SFT on the chosen completions) and Unlikelihood (each alpha), trained with the same
     optimiser family, data and number of passes as DPO (sft.train_sequences). Returns their runs as dpo_stage."""
     runs = []
@@ -445,11 +592,13 @@ def baseline_stages(cfg, sft_dir, train_pairs, device, log):
     prompts_ = [p["prompt_ids"] for p in train_pairs]
     chosen_, rejected_ = [p["chosen_ids"] for p in train_pairs], [p["rejected_ids"] for p in train_pairs]
     baselines = [("Preferred-FT", None, None, "nll")] + [("Unlikelihood", "alpha", float(a), "unlikelihood")
-                                                         for a in cfg.alphas.split(",")]
+                                                         for a in numbers(cfg, "alphas", low=0, strict=False, empty=True)]
     every = _checkpoint_every(steps_per_run, cfg.eval_every)  # DPO's evaluation points
     for method, key, value, objective in baselines:
-        out = os.path.join(cfg.out, method.lower() + (f"-alpha{value:g}" if value is not None else ""))
-        if not os.path.exists(os.path.join(out, "done")):
+        name = method.lower() + (f"-alpha{value:g}" if value is not None else "")
+        out = os.path.join(cfg.out, name)
+        if not stages.done(name):
+            stages.begin(name)
             log(f"{method}{f' alpha {value:g}' if value is not None else ''}: {steps_per_run} steps")
             model = from_pretrained(sft_dir, device=device)
             if cfg.trainable == "head":  # the same weights train as in the DPO runs
@@ -458,8 +607,8 @@ def baseline_stages(cfg, sft_dir, train_pairs, device, log):
                                 lr=cfg.baseline_lr, objective=objective, rejected=rejected_, alpha=value or 0.0,
                                 generator=torch.Generator().manual_seed(cfg.seed), log=lambda s: None,
                                 groups=[p["group"] for p in train_pairs],
-                                callback=_saver(out, every, steps_per_run))
-            open(os.path.join(out, "done"), "w").close()
+                                checkpoints=Checkpoints(out, every, steps_per_run, log=log))
+            stages.finish(name)
         runs += _checkpoints(method, key, value, out)
     return runs
 
@@ -470,29 +619,22 @@ def _checkpoint_every(total, every=0):
     return every or max(1, math.ceil(total / 4))
 
 
-def _saver(out, every, total):
-    """A training callback (step, model, *stats) saving the model in out/step-N every `every` steps and at the last."""
-    def save(step, model, *_):
-        if step % every == 0 or step == total:
-            save_pretrained(model, os.path.join(out, f"step-{step}"))
-    return save
-
-
 def _checkpoints(method, key, value, out):
     """A finished run's checkpoints out/step-N, ascending, as (method, label key, value, folder, step) tuples."""
-    steps = sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step-"))
+    steps = sorted(int(d[5:]) for d in os.listdir(out) if d[:5] == "step-" and d[5:].isdigit())
     return [(method, key, value, os.path.join(out, f"step-{s}"), s) for s in steps]
 
 
-def reward_model_stage(cfg, sft_model, train_pairs, eval_pairs, device, log):
+def reward_model_stage(cfg, stages, sft_model, train_pairs, eval_pairs, device, log):
     """4d. The learned reward model of "PPO" (ppo.train_reward_model): the SFT model with a scalar head, fitted by
     Bradley-Terry to the training pairs DPO learns from; --rm-trainable head trains the scalar head alone on the
     frozen SFT model, all: every weight. Its ranking accuracy on the held-out pairs (those DPO reports its
     held-out accuracy on) is the number to compare with DPO's implicit reward. Saved in out/reward_model: head.pt,
-    the trunk (model.safetensors) only when it trained, accuracy.json last. Returns (model, accuracy dict)."""
+    the trunk (model.safetensors) only when it trained, accuracy.json last; checkpoints along the way (a quarter
+    of the run apart) in out/reward_model-checkpoints. Returns (model, accuracy dict)."""
     folder = os.path.join(cfg.out, "reward_model")
     acc_path = os.path.join(folder, "accuracy.json")
-    if os.path.exists(acc_path):
+    if stages.done("reward_model"):
         with open(acc_path) as f:
             acc = json.load(f)
         trunk = from_pretrained(folder, device=device) if acc["trainable"] == "all" else sft_model
@@ -500,18 +642,22 @@ def reward_model_stage(cfg, sft_model, train_pairs, eval_pairs, device, log):
         model.head.load_state_dict(torch.load(os.path.join(folder, "head.pt")))
         log(f"reward model: cached in {folder}")
         return model, acc
+    stages.begin("reward_model")
     t0 = time.time()
+    total = cfg.rm_epochs * math.ceil(len(train_pairs) / cfg.micro_batch_size)
+    checkpoints = Checkpoints(folder + "-checkpoints", math.ceil(total / 4), total, keep=False, log=log)
     model, accuracy = ppo.train_reward_model(sft_model, train_pairs, train_trunk=cfg.rm_trainable == "all",
                                              epochs=cfg.rm_epochs, batch_size=cfg.micro_batch_size, lr=cfg.rm_lr,
-                                             seed=cfg.seed, log=log)
+                                             seed=cfg.seed, log=log, checkpoints=checkpoints)
     acc = {"heldout_accuracy": accuracy(eval_pairs), "n": len(eval_pairs), "trainable": cfg.rm_trainable,
            "train_accuracy": accuracy(train_pairs[::max(1, len(train_pairs) // 2000)]), "seconds": time.time() - t0}
     os.makedirs(folder, exist_ok=True)
     if cfg.rm_trainable == "all":
         save_pretrained(model.trunk, folder)
-    torch.save(model.head.state_dict(), os.path.join(folder, "head.pt"))
-    with open(acc_path, "w") as f:
-        json.dump(acc, f, indent=1)
+    save_torch(os.path.join(folder, "head.pt"), model.head.state_dict())
+    write_json(acc_path, acc)
+    shutil.rmtree(checkpoints.folder)
+    stages.finish("reward_model")
     log(f"reward model ({cfg.rm_trainable}): held-out pair accuracy {acc['heldout_accuracy']:.3f} on {len(eval_pairs)}"
         f" pairs, {acc['seconds']:.0f} s")
     return model, acc
@@ -526,7 +672,7 @@ def ppo_config(cfg):
                          kl_target=cfg.ppo_kl_target or ppo.PPOConfig.kl_target, lam=cfg.ppo_lam, seed=cfg.seed)
 
 
-def ppo_stage(cfg, method, reward_fn, sft_dir, sft_model, train_pairs, device, log):
+def ppo_stage(cfg, stages, method, reward_fn, sft_dir, sft_model, train_pairs, device, log):
     """4e. PPO (ppo.train_ppo) from the SFT model against the frozen SFT model, on the training prefixes (those of
     the training pairs: the prefixes DPO learns from), rewarded by reward_fn: r* for "PPO-GT", the learned reward
     model for "PPO". The policy trains the weights --trainable names, as DPO (the CPU preset: the output head
@@ -536,7 +682,8 @@ def ppo_stage(cfg, method, reward_fn, sft_dir, sft_model, train_pairs, device, l
     if cfg.ppo_iterations <= 0:
         return []
     out = os.path.join(cfg.out, method.lower())
-    if not os.path.exists(os.path.join(out, "done")):
+    if not stages.done(method.lower()):
+        stages.begin(method.lower())
         prompts = list({p["group"]: p["prompt_ids"] for p in train_pairs}.values())  # one per training prefix
         pcfg = ppo_config(cfg)
         policy = from_pretrained(sft_dir, device=device)
@@ -544,11 +691,10 @@ def ppo_stage(cfg, method, reward_fn, sft_dir, sft_model, train_pairs, device, l
             train_only_head(policy)
         log(f"{method}: {cfg.ppo_iterations} iterations of {cfg.ppo_batch_size} rollouts")
         os.makedirs(out, exist_ok=True)
-        save = _saver(out, _checkpoint_every(cfg.ppo_iterations), cfg.ppo_iterations)
-        history = ppo.train_ppo(policy, sft_model, reward_fn, prompts, pcfg, log=None, callback=save)
-        with open(os.path.join(out, "history.jsonl"), "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
-        open(os.path.join(out, "done"), "w").close()
+        checkpoints = Checkpoints(out, _checkpoint_every(cfg.ppo_iterations), cfg.ppo_iterations, log=log)
+        history = ppo.train_ppo(policy, sft_model, reward_fn, prompts, pcfg, log=None, checkpoints=checkpoints)
+        atomic_write(os.path.join(out, "history.jsonl"), lambda f: f.writelines(json.dumps(h) + "\n" for h in history))
+        stages.finish(method.lower())
     return _checkpoints(method, None, None, out)
 
 
@@ -577,13 +723,13 @@ def best_of_n_rows(method, true_rewards, selection_scores, sizes, prompts=None, 
     return rows
 
 
-def best_of_n_stage(cfg, sft_model, classifier, reward_model, test_reviews, device, log):
+def best_of_n_stage(cfg, stages, sft_model, classifier, reward_model, test_reviews, device, log):
     """5c. Best-of-N (the paper's Appendix D.1): max N samples of each evaluation prefix from pi_SFT (one draw,
     out/best_of_n_samples.json), scored by r* and by the learned reward model; for each N, each prefix's best of
     its first N samples by r* ("Best-of-N") and by the reward model ("Best-of-N (RM)"), rows by best_of_n_rows.
     The KL is the analytic bound log N - (N-1)/N, not the sample estimate the other rows use: that needs
     log pi_bon(y|x), which no model gives (ppo.best_of_n_kl)."""
-    sizes = [int(n) for n in cfg.best_of_n.split(",") if n.strip()]
+    sizes = numbers(cfg, "best_of_n", kind=int, low=1, strict=False, empty=True)
     if not sizes:
         return []
     prompts = ev.imdb_prompts(test_reviews, cfg.eval_prompts, generator=torch.Generator().manual_seed(cfg.seed + 1))
@@ -596,32 +742,35 @@ def best_of_n_stage(cfg, sft_model, classifier, reward_model, test_reviews, devi
         sequences = [p + c for p, c in zip(rows_x, completions)]
         return {"completions": completions, "rewards": classifier.score(sequences).tolist(),
                 "rm_scores": reward_model.score(sequences, cfg.sample_batch_size).tolist()}
-    samples = _cached_json(os.path.join(cfg.out, "best_of_n_samples.json"), draw, "best-of-N samples")
+    samples = _stage_json(stages, "best-of-n", os.path.join(cfg.out, "best_of_n_samples.json"), draw, log)
     true = torch.tensor(samples["rewards"]).view(len(prompts), m)                          # (P, M)
     rm = torch.tensor(samples["rm_scores"]).view(len(prompts), m)                          # (P, M)
     return (best_of_n_rows("Best-of-N", true, true, sizes, prompts, samples["completions"]) +
             best_of_n_rows("Best-of-N (RM)", true, rm, sizes, prompts, samples["completions"]))
 
 
-def evaluation_stage(cfg, runs, sft_dir, sft_model, classifier, test_reviews, device):
+def evaluation_stage(cfg, stages, runs, sft_dir, sft_model, classifier, test_reviews, device, log):
     """5. Evaluation on prefixes of IMDb test reviews: mean r* and KL(pi || pi_SFT) of each policy's own
-    samples (one each), cached per policy in its folder's eval.json. Returns the rows, SFT first."""
+    samples (one each), cached per policy in its folder's eval.json, keyed on the evaluation's flags and the
+    policy's stage. Returns the rows, SFT first."""
     eval_prompts = ev.imdb_prompts(test_reviews, cfg.eval_prompts, generator=torch.Generator().manual_seed(cfg.seed + 1))
 
     def evaluate(policy):
         return ev.evaluate(policy, sft_model, classifier, eval_prompts, 1, cfg.max_new_tokens,
                            torch.Generator(device).manual_seed(cfg.seed + 2), cfg.sample_batch_size)
 
-    rows = [{"method": "SFT", **_cached_json(os.path.join(sft_dir, "eval.json"), lambda: evaluate(sft_model), "SFT eval"),
-             "step": 0}]
+    def cached(folder, stage, compute, what):
+        inputs = {"policy": stages.key(stage), "sft": stages.key("sft"), "classifier": stages.key("classifier")}
+        return keyed_json(os.path.join(folder, "eval.json"), stages.evaluation, inputs, compute, what, log)
+    rows = [{"method": "SFT", **cached(sft_dir, "sft", lambda: evaluate(sft_model), "SFT eval"), "step": 0}]
     for method, key, value, folder, step in runs:
-        res = _cached_json(os.path.join(folder, "eval.json"),
-                           lambda: evaluate(from_pretrained(folder, device=device)), f"{method} eval")
+        res = cached(folder, _stage_of(folder), lambda: evaluate(from_pretrained(folder, device=device)),
+                     f"{method} eval")
         rows.append({"method": method, **({key: value} if key else {}), "step": step, **res})
     return rows
 
 
-def implicit_reward_stage(cfg, runs, rows, sft_model, classifier, test_reviews, device, log):
+def implicit_reward_stage(cfg, stages, runs, rows, sft_model, classifier, test_reviews, device, log):
     """5b. "Your language model is secretly a reward model" (Section 5.1), measured: n_samples fresh samples from
     pi_SFT of each evaluation prefix (test reviews), scored by r* (out/implicit_samples.json); for the last
     checkpoint of each DPO and DPO-PL run, its implicit reward beta * log pi/pi_SFT on them against r*
@@ -637,7 +786,7 @@ def implicit_reward_stage(cfg, runs, rows, sft_model, classifier, test_reviews, 
                                             cfg.sample_batch_size, torch.Generator(device).manual_seed(cfg.seed + 3))
         return {"completions": completions,
                 "rewards": classifier.score([p + c for p, c in zip(rows_x, completions)]).tolist()}
-    samples = _cached_json(os.path.join(cfg.out, "implicit_samples.json"), draw, "implicit-reward samples")
+    samples = _stage_json(stages, "implicit-samples", os.path.join(cfg.out, "implicit_samples.json"), draw, log)
     reference = None
     last = {}  # (method, beta) -> (folder, step) of the run's last checkpoint
     for method, _, beta, folder, step in runs:
@@ -653,7 +802,9 @@ def implicit_reward_stage(cfg, runs, rows, sft_model, classifier, test_reviews, 
                                - reference)  # (N,) beta log pi/pi_SFT
             return {**ev.implicit_reward_stats(implicit, samples["rewards"], cfg.n_samples),
                     "implicit": implicit.tolist()}
-        stats = _cached_json(os.path.join(folder, "implicit.json"), measure, f"{method} implicit reward")
+        stats = keyed_json(os.path.join(folder, "implicit.json"), {"beta": beta},
+                           {"policy": stages.key(_stage_of(folder)), "samples": stages.key("implicit-samples")},
+                           measure, f"{method} implicit reward", log)
         row = next(r for r in rows if r["method"] == method and r.get("beta") == beta and r["step"] == step)
         row.update({f"implicit_{k}": v for k, v in stats.items() if k != "implicit"})
         if method == "DPO" and beta == _plotted_beta(cfg):
@@ -668,8 +819,26 @@ def implicit_reward_stage(cfg, runs, rows, sft_model, classifier, test_reviews, 
                                             if m["step"] == row["step"] and "eval/accuracy" in m), None)
 
 
+def _stage_of(folder):
+    """The stage a checkpoint folder out/NAME/step-N belongs to: NAME."""
+    return os.path.basename(os.path.dirname(os.path.normpath(folder)))
+
+
+def _stage_json(stages, name, path, compute, log):
+    """The stage `name` whose one output is compute()'s JSON at path, or read back if done."""
+    if stages.done(name):
+        log(f"{name}: cached in {path}")
+        with open(path) as f:
+            return json.load(f)
+    stages.begin(name)
+    result = compute()
+    write_json(path, result)
+    stages.finish(name)
+    return result
+
+
 def _plotted_beta(cfg):
-    betas = [float(b) for b in cfg.betas.split(",")]
+    betas = numbers(cfg, "betas")
     return 0.1 if 0.1 in betas else betas[0]
 
 
@@ -707,7 +876,7 @@ def report(cfg, rows, clf_acc, rm_acc, times, t_start, log):
     for method in dict.fromkeys(r["method"] for r in rows):
         sample = next(r for r in rows[::-1] if r["method"] == method)["samples"][0]
         log(f"sample, {method}: {sample['prompt']!r} -> {sample['completion']!r} (reward {sample['reward']:.2f})")
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump({"times_s": times, "total_s": total, "classifier_accuracy": clf_acc["test_accuracy"],
-                   "reward_model_accuracy": rm_acc["heldout_accuracy"], "config": dataclasses.asdict(cfg)}, f, indent=1)
+    write_json(os.path.join(cfg.out, "summary.json"), {
+        "times_s": times, "total_s": total, "classifier_accuracy": clf_acc["test_accuracy"],
+        "reward_model_accuracy": rm_acc["heldout_accuracy"], "config": dataclasses.asdict(cfg)})
     log(f"wrote {cfg.out}/results.csv, results.json, frontier.png, summary.json")

@@ -314,11 +314,12 @@ def ppo_step(policy, value_head, reference, reward_fn, prompts, optimizer, kl_co
             "length": roll.mask.sum(-1).float().mean().item(), **stats}
 
 
-def train_ppo(policy, reference, reward_fn, prompts, cfg, log=print, callback=None):
+def train_ppo(policy, reference, reward_fn, prompts, cfg, log=print, callback=None, checkpoints=None):
     """PPO on `policy` in place (its requires_grad parameters), against the frozen `reference` (usually the SFT
     model), with reward_fn(list of prompt + response token lists) -> (N,) scores. callback(iteration, policy,
-    stats), if given, runs after every iteration (e.g. to save the policy at chosen iterations).
-    Returns the history: one stats dict per iteration (ppo_step's, plus iteration and seconds)."""
+    stats), if given, runs after every iteration; checkpoints (machinery.stages.Checkpoints), if given, saves the
+    policy with the value head, optimiser, KL coefficient and generators at its iterations and resumes from the
+    newest. Returns the history: one stats dict per iteration (ppo_step's, plus iteration and seconds)."""
     device = policy.wte.weight.device
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -332,8 +333,12 @@ def train_ppo(policy, reference, reward_fn, prompts, cfg, log=print, callback=No
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
     kl_controller = (AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                      else FixedKL(cfg.kl_coef))
-    history = []
-    for iteration in range(1, cfg.iterations + 1):
+    start, saved = checkpoints.resume(policy, optimizer, [generator, picker]) if checkpoints else (0, {})
+    if saved:
+        value_head.load_state_dict(saved["value_head"])
+        kl_controller.value = saved["kl_coef"]
+    history = saved.get("history", [])
+    for iteration in range(start + 1, cfg.iterations + 1):
         t0 = time.time()
         picks = torch.randint(len(prompts), (cfg.batch_size,), generator=picker).tolist()
         stats = ppo_step(policy, value_head, reference, reward_fn, [prompts[i] for i in picks], optimizer,
@@ -347,6 +352,9 @@ def train_ppo(policy, reference, reward_fn, prompts, cfg, log=print, callback=No
                 f"{stats['seconds'] * 1000:.0f} ms")
         if callback:
             callback(iteration, policy, stats)
+        if checkpoints:
+            checkpoints.maybe_save(iteration, policy, optimizer, [generator, picker], history=history,
+                                   value_head=value_head.state_dict(), kl_coef=kl_controller.value)
     policy.train(was_training)
     return history
 
@@ -397,23 +405,35 @@ def pair_scores(model, pairs):
     return scores[:len(pairs)], scores[len(pairs):]
 
 
-def train_reward_model(trunk, pairs, train_trunk=False, epochs=1, batch_size=16, lr=1e-4, seed=0, log=None):
+def train_reward_model(trunk, pairs, train_trunk=False, epochs=1, batch_size=16, lr=1e-4, seed=0, log=None,
+                       checkpoints=None):
     """Fits a RewardModel on a copy of `trunk` (the SFT model, say; it is not modified) to preference pairs (dicts
     with prompt_ids, chosen_ids, rejected_ids) with AdamW on the Bradley-Terry loss. train_trunk=False trains the
-    scalar head only. Returns (model, accuracy) with accuracy(pairs) -> the share of pairs ranked right."""
+    scalar head only. checkpoints (machinery.stages.Checkpoints, counting batches over all epochs), if given,
+    saves the trunk with the head, optimiser and generator and resumes from the newest.
+    Returns (model, accuracy) with accuracy(pairs) -> the share of pairs ranked right."""
     model = RewardModel(copy.deepcopy(trunk)).to(trunk.wte.weight.device)
     model.trunk.requires_grad_(train_trunk)
     model.eval()  # no dropout; gradients flow all the same
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        order = torch.randperm(len(pairs), generator=generator).tolist()
-        for start in range(0, len(pairs), batch_size):
-            loss, acc = reward_model_loss(*pair_scores(model, [pairs[i] for i in order[start:start + batch_size]]))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if log:
+    per_epoch = math.ceil(len(pairs) / batch_size)
+    done, saved = checkpoints.resume(model.trunk, optimizer, [generator]) if checkpoints else (0, {})
+    if saved:
+        model.head.load_state_dict(saved["head"])
+    order = saved.get("order")
+    for step in range(done, epochs * per_epoch):
+        epoch, k = divmod(step, per_epoch)
+        if k == 0:
+            order = torch.randperm(len(pairs), generator=generator).tolist()
+        loss, acc = reward_model_loss(*pair_scores(model, [pairs[i] for i in order[k * batch_size:(k + 1) * batch_size]]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if checkpoints:
+            checkpoints.maybe_save(step + 1, model.trunk, optimizer, [generator], head=model.head.state_dict(),
+                                   order=order)
+        if log and k == per_epoch - 1:
             log(f"reward model epoch {epoch + 1}/{epochs} | loss {loss.item():.4f} | acc {acc.item():.3f}")
     model.requires_grad_(False)
 

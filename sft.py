@@ -151,29 +151,33 @@ def optimizer_step(model, opt, loss, max_norm=1.0):
 
 
 def train_lm(model, tokens, steps, batch_size=16, seq_len=128, lr=5e-3, warmup=30, weight_decay=0.1,
-             generator=None, log=print, log_every=None):
+             generator=None, log=print, log_every=None, checkpoints=None):
     """Language modelling on random windows of a token stream: AdamW, linear warmup then cosine decay
     to 10% of lr, gradient clipping at norm 1.0. A progress line shows loss and ETA; `log` gets one
-    line every log_every steps (default: 10 lines per run). Returns the per-step losses."""
+    line every log_every steps (default: 10 lines per run). checkpoints (machinery.stages.Checkpoints), if
+    given, saves the run along the way and resumes it from the newest one. Returns the per-step losses."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     device = model.wte.weight.device
     log_every = log_every or max(1, steps // 10)
     opt = make_optimizer(model, lr, weight_decay)
     model.train()
-    losses, t0 = [], time.time()
-    bar = Progress(steps, label="sft", unit="step")
-    for step in range(steps):
+    start, saved = checkpoints.resume(model, opt, [generator]) if checkpoints else (0, {})
+    losses, t0 = saved.get("losses", []), time.time()
+    bar = Progress(steps - start, label="sft", unit="step")
+    for step in range(start, steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         windows = random_windows(tokens, batch_size, seq_len, generator).to(device)  # (N, T)
         loss = lm_loss(model, windows)
         losses.append(optimizer_step(model, opt, loss))
         bar.update(1, extra=f"loss {losses[-1]:.3f}")
+        if checkpoints:
+            checkpoints.maybe_save(step + 1, model, opt, [generator], losses=losses)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             dt = time.time() - t0
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
             log_line(bar, log, f"step {step + 1}/{steps} | loss {recent:.4f} | lr {opt.param_groups[0]['lr']:.2e} | "
-                               f"{batch_size * seq_len * (step + 1) / dt:.0f} tok/s")
+                               f"{batch_size * seq_len * (step + 1 - start) / dt:.0f} tok/s")
     bar.close()
     return losses
 
@@ -249,13 +253,14 @@ def sequence_loss(model, prompts, completions, objective="nll", rejected=None, a
 
 def train_sequences(model, prompts, completions, steps=None, epochs=None, batch_size=16, lr=1e-4,
                     objective="nll", rejected=None, alpha=1.0, warmup=10, weight_decay=0.0,
-                    generator=None, log=print, log_every=None, groups=None, callback=None):
+                    generator=None, log=print, log_every=None, groups=None, callback=None, checkpoints=None):
     """Supervised training on (prompt, completion) token lists; the loss counts completion tokens only
     (sequence_loss). Give `steps` or `epochs` (batches are drawn without replacement, reshuffled every
     epoch with `generator`; with `groups`, one label per example, examples of one group stay together, as
     DPO's batches keep the pairs of one prompt together). AdamW, linear warmup to a constant lr, gradient
     clipping at norm 1.0, as the authors' trainer does for DPO, so that the baselines and DPO differ only
-    in the loss. callback(step, model), if given, runs after every step (1-based; e.g. to save chosen steps).
+    in the loss. callback(step, model), if given, runs after every step (1-based); checkpoints
+    (machinery.stages.Checkpoints), if given, saves the run at its steps and resumes from the newest.
     Returns the per-step losses."""
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps and epochs")
@@ -267,9 +272,10 @@ def train_sequences(model, prompts, completions, steps=None, epochs=None, batch_
     log_every = log_every or max(1, steps // 10)
     opt = make_optimizer(model, lr, weight_decay)
     model.train()
-    losses, order, t0 = [], [], time.time()
-    bar = Progress(steps, label=objective, unit="step")
-    for step in range(steps):
+    start, saved = checkpoints.resume(model, opt, [generator]) if checkpoints else (0, {})
+    losses, order, t0 = saved.get("losses", []), saved.get("order", []), time.time()
+    bar = Progress(steps - start, label=objective, unit="step")
+    for step in range(start, steps):
         if not order:
             order = data.epoch_order([{"group": g} for g in groups] if groups is not None else prompts, generator)
         idx, order = order[:batch_size], order[batch_size:]
@@ -281,11 +287,13 @@ def train_sequences(model, prompts, completions, steps=None, epochs=None, batch_
         bar.update(1, extra=f"loss {losses[-1]:.3f}")
         if callback:
             callback(step + 1, model)
+        if checkpoints:
+            checkpoints.maybe_save(step + 1, model, opt, [generator], losses=losses, order=order)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
             extra = "" if stats["rejected_logps"] is None else f" | rejected logp {stats['rejected_logps'].mean():.2f}"
             log_line(bar, log, f"step {step + 1}/{steps} | loss {recent:.4f} | chosen logp "
-                               f"{stats['chosen_logps'].mean():.2f}{extra} | {(time.time() - t0) / (step + 1) * 1000:.0f} ms/step")
+                               f"{stats['chosen_logps'].mean():.2f}{extra} | {(time.time() - t0) / (step + 1 - start) * 1000:.0f} ms/step")
     bar.close()
     return losses
 

@@ -79,13 +79,10 @@ def test_ppo_config_of_each_preset():
 
 
 def micro_args(out, n_prefixes, betas):
-    """A micro run of the CPU preset: a 1-block model, 300 reviews a split, tiny batches, 4 PPO iterations of 8
-    rollouts (seconds, not minutes)."""
-    return ["--task", "imdb", "--preset", "cpu", "--out", str(out), "--imdb", IMDB, "--model", "scratch:1,2,32",
-            "--sft-tokens", "8000", "--n-prefixes", str(n_prefixes), "--max-new-tokens", "6", "--betas", betas,
-            "--alphas", "0.1", "--batch-size", "12", "--micro-batch-size", "6", "--eval-prompts", "8",
-            "--classifier-epochs", "1", "--max-reviews", "300", "--device", "cpu", "--ppo-iterations", "4",
-            "--ppo-batch-size", "8", "--ppo-minibatch-size", "8", "--ppo-epochs", "1", "--best-of-n", "2,4"]
+    """A micro run: the tiny preset (the CPU preset with a 1-block model, 300 reviews a split, tiny batches, 4 PPO
+    iterations of 8 rollouts: seconds, not minutes)."""
+    return ["--task", "imdb", "--preset", "tiny", "--out", str(out), "--imdb", IMDB, "--n-prefixes", str(n_prefixes),
+            "--betas", betas, "--device", "cpu"]
 
 
 @pytest.mark.skipif(not os.path.exists(IMDB), reason=f"IMDb archive not found at {IMDB} (set DPO_IMDB)")
@@ -94,12 +91,14 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
     args = micro_args(out, n_prefixes=24, betas="0.1,1")
     assert dpo.main(args) == 0
     for name in ("sft/model.safetensors", "classifier.pt", "pairs.jsonl", "reference_logps.pt", "results.csv",
-                 "results.json", "frontier.png", "summary.json", "dpo-beta0.1/done", "preferred-ft/done",
-                 "unlikelihood-alpha0.1/done", "rankings.jsonl", "dpo-pl-beta0.1/done",
+                 "results.json", "frontier.png", "summary.json", "rankings.jsonl",
                  "implicit-reward.png", "implicit_samples.json", "reward_model/head.pt", "reward_model/accuracy.json",
-                 "ppo-gt/done", "ppo-gt/step-4/model.safetensors", "ppo/done", "ppo/history.jsonl",
-                 "best_of_n_samples.json"):
+                 "ppo-gt/step-4/model.safetensors", "ppo/history.jsonl", "best_of_n_samples.json"):
         assert (out / name).exists(), name
+    for stage in ("sft", "classifier", "pairs", "reference", "dpo-beta0.1", "dpo-beta1", "preferred-ft",
+                  "unlikelihood-alpha0.1", "reference-rankings", "dpo-pl-beta0.1", "reward_model", "ppo-gt", "ppo",
+                  "best-of-n", "implicit-samples"):  # every stage recorded as done, with the key of its settings
+        assert json.load(open(out / "records" / f"{stage}.json"))["status"] == "done", stage
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = [json.loads(l) for l in open(out / "pairs.jsonl")]
     groups = {}
@@ -147,7 +146,8 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
     # a second run finds every stage cached and gives the same table
     capsys.readouterr()
     assert dpo.main(args) == 0
-    assert "SFT: cached" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "SFT: cached" in printed and printed.count(" reuse ") == 15 and " compute" not in printed
     assert json.load(open(out / "results.json")) == rows
 
 

@@ -179,6 +179,9 @@ def test_truncated_safetensors_and_bad_config(tmp_path):
     path = tmp_path / "ok" / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="model.safetensors: its contents differ from the digest"):
+        from_pretrained(str(tmp_path / "ok"))  # our own folders carry digest.json
+    os.remove(tmp_path / "ok" / "digest.json")  # as a download: the readers' own messages
     with pytest.raises(InputError, match="truncated"):
         from_pretrained(str(tmp_path / "ok"))
     path.write_bytes(b"\x00" * 4)

@@ -237,8 +237,11 @@ def test_real_imdb_archive_truncated(tmp_path):
 # Models and checkpoints
 
 def checkpoint(folder, **shape):
+    """A checkpoint as a download gives it: without the digest.json our own folders carry (test_stages.py tests
+    that), so that the edits below reach the safetensors and config readers."""
     torch.manual_seed(0)
     save_pretrained(GPT(GPTConfig(**{"n_layer": 1, "n_head": 2, "n_embd": 32, **shape})), str(folder))
+    os.remove(os.path.join(folder, "digest.json"))
     return str(folder)
 
 
@@ -392,6 +395,9 @@ def test_resume_with_other_settings_or_a_damaged_state(tmp_path, good, capsys):
               "was trained with --model random:1,2,32")
     state = run / "checkpoint" / "train_state.pt"
     state.write_bytes(state.read_bytes()[:1000])
+    cli_error(capsys, args(good, run, "--steps", 4, "--resume"), "train_state.pt: its contents differ from the digest",
+              "corrupt", "start afresh with --overwrite")
+    os.remove(run / "checkpoint" / "digest.json")  # a checkpoint from before digests: the reader's own message
     cli_error(capsys, args(good, run, "--steps", 4, "--resume"), "train_state.pt: cannot read it", "damaged")
 
 

@@ -18,12 +18,13 @@ import torch
 
 from data import InputError
 from machinery.hub import WEIGHT_FILES, read_json, resolve_checkpoint
+from machinery.integrity import check_finite, verify_digest, write_digest
 from machinery.roberta import EncoderConfig, RobertaClassifier
 from machinery.safetensors import load_safetensors, save_safetensors
 from model import GPT, GPTConfig
 
 
-def from_pretrained(name_or_dir, dtype=torch.float32, device="cpu"):
+def from_pretrained(name_or_dir, dtype=torch.float32, device="cpu", fix=None):
     """Loads a GPT-2, GPT-J, GPT-NeoX (Pythia) or RoBERTa-classifier checkpoint in the Hugging Face layout.
 
     name_or_dir: a local folder with config.json and model.safetensors (or a sharded
@@ -31,8 +32,12 @@ def from_pretrained(name_or_dir, dtype=torch.float32, device="cpu"):
     'gpt2' or 'openai-community/gpt2-large', downloaded once into $DPO_CACHE/hub. The weights are
     read shard by shard from a memory map straight into `dtype` on `device`, so a checkpoint is
     never held in memory twice. Returns a GPT, or a RobertaClassifier (machinery/roberta.py) for model_type roberta.
+    A folder we wrote carries digest.json: a changed byte, or a non-finite weight, is refused in one line ending in
+    `fix`, what to do.
     """
     folder = resolve_checkpoint(name_or_dir)
+    fix = fix or f"delete {folder} (a rerun of its stage computes it again) or restore it from a good copy"
+    verify_digest(folder, fix)
     config = config_from_hf(os.path.join(folder, "config.json"))
     with torch.device("meta"):
         model = RobertaClassifier(config) if isinstance(config, EncoderConfig) else GPT(config)
@@ -62,12 +67,14 @@ def from_pretrained(name_or_dir, dtype=torch.float32, device="cpu"):
     if missing:
         raise InputError(f"{folder}: checkpoint lacks {len(missing)} weights, e.g. {', '.join(missing[:3])}; the "
                          f"download is incomplete or the checkpoint is not a {ARCHS[config.model_type][0]} model")
+    check_finite(model.named_parameters(), folder, fix)
     return model.eval()
 
 def save_pretrained(model, folder):
     """config.json + model.safetensors in the Hugging Face layout of config.model_type (GPT2LMHeadModel,
     GPTJForCausalLM, GPTNeoXForCausalLM or RobertaForSequenceClassification loads it).
-    Atomic: written into a temporary folder that replaces `folder` at the end."""
+    Atomic: written into a temporary folder that replaces `folder` at the end, with digest.json (integrity.py)
+    written last and checked by from_pretrained."""
     config_json = config_to_hf(model.config, next(model.parameters()).dtype)  # first: raises on a bad config
     tmp, old = folder.rstrip("/") + ".tmp", folder.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -76,6 +83,7 @@ def save_pretrained(model, folder):
     save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config_json, f, indent=2)
+    write_digest(tmp)
     if os.path.exists(folder):
         os.replace(folder, old)
     os.replace(tmp, folder)

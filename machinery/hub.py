@@ -1,6 +1,7 @@
 """Downloads by hand (urllib): a resumable, atomic download with a progress line; a hub model name resolved to a
-local folder of checkpoint files; the datasets' files found locally ($DPO_IMDB, $DPO_HH) or downloaded from their
-real addresses (data.IMDB_URL, data.HH_URL). data.py reads the local files.
+local folder of checkpoint files; the datasets' files found locally ($DPO_IMDB, $DPO_HH, $DPO_TLDR) or downloaded from
+their real addresses (data.IMDB_URL, data.HH_URL, corpora.TLDR_URL, corpora.TLDR_COMPARISONS_URL). data.py and
+machinery/corpora.py read the local files.
 
     python -c "from machinery.hub import resolve_checkpoint; print(resolve_checkpoint('gpt2'))"
 """
@@ -11,6 +12,7 @@ import urllib.error
 import urllib.request
 
 from data import HH_SUBSETS, HH_URL, IMDB_URL, InputError
+from machinery.corpora import TLDR_COMPARISON_BATCHES, TLDR_COMPARISONS_URL, TLDR_SPLITS, TLDR_URL
 from machinery.util import Progress
 
 
@@ -160,3 +162,52 @@ def hh_path(source):
         return download(url, dest, what=f"hh-rlhf {source}")
     except (InputError, FileNotFoundError) as e:
         raise InputError(f"{e}, or set DPO_HH to a folder holding {subset}/{split}.jsonl.gz") from None
+
+
+def tldr_path(split, override=None):
+    """The TL;DR posts of `split` (train, valid, test): `override` (the .jsonl file, or a folder holding
+    <split>.jsonl), else $DPO_TLDR/tldr_3_filtered/<split>.jsonl (the blob's layout) or $DPO_TLDR/<split>.jsonl,
+    else <cache_dir()>/summarize-from-feedback/tldr_3_filtered/<split>.jsonl, downloaded from corpora.TLDR_URL."""
+    if split not in TLDR_SPLITS:
+        raise InputError(f"unknown TL;DR split {split!r}; use one of {', '.join(TLDR_SPLITS)}")
+    if override:
+        path = os.path.join(override, f"{split}.jsonl") if os.path.isdir(override) else override
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such file; pass the tldr_3_filtered {split}.jsonl file or its folder")
+        return path
+    if os.environ.get("DPO_TLDR"):
+        tries = [os.path.join(os.environ["DPO_TLDR"], "tldr_3_filtered", f"{split}.jsonl"),
+                 os.path.join(os.environ["DPO_TLDR"], f"{split}.jsonl")]
+        found = [p for p in tries if os.path.isfile(p)]
+        if not found:
+            raise InputError(f"DPO_TLDR={os.environ['DPO_TLDR']}: holds neither {tries[0]} nor {tries[1]}; "
+                             f"put the file there or unset DPO_TLDR")
+        return found[0]
+    dest = os.path.join(cache_dir(), "summarize-from-feedback", "tldr_3_filtered", f"{split}.jsonl")
+    try:
+        return download(TLDR_URL.format(split=split), dest, what=f"TL;DR {split}")
+    except (InputError, FileNotFoundError) as e:
+        raise InputError(f"{e}, or set DPO_TLDR to a folder holding tldr_3_filtered/{split}.jsonl") from None
+
+
+def tldr_comparisons_paths(override=None):
+    """The human comparison batch files: `override` (one file, or a folder: its *.json files), else
+    $DPO_TLDR/comparisons/*.json, else corpora.TLDR_COMPARISON_BATCHES (the TL;DR batches) downloaded into
+    <cache_dir()>/summarize-from-feedback/comparisons/. corpora.read_tldr_comparisons reads them."""
+    folder = override or (os.path.join(os.environ["DPO_TLDR"], "comparisons") if os.environ.get("DPO_TLDR") else None)
+    if folder:
+        if os.path.isfile(folder):
+            return [folder]
+        paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".json")) \
+            if os.path.isdir(folder) else []
+        if not paths:
+            where = "" if override else " (from DPO_TLDR)"
+            raise InputError(f"{folder}{where}: no comparison files (*.json) there; put the batch files there, "
+                             f"e.g. {TLDR_COMPARISON_BATCHES[0]}, or pass one file")
+        return paths
+    folder = os.path.join(cache_dir(), "summarize-from-feedback", "comparisons")
+    try:
+        return [download(TLDR_COMPARISONS_URL.format(batch=b), os.path.join(folder, b), what=f"comparisons {b}")
+                for b in TLDR_COMPARISON_BATCHES]
+    except (InputError, FileNotFoundError) as e:
+        raise InputError(f"{e}, or set DPO_TLDR to a folder holding comparisons/batch*.json") from None

@@ -32,6 +32,7 @@ from machinery.fast import (SHARE_MIN_SAVING, batch_logps, compile_blocks, pair_
                             worth_sharing)
 from machinery.hf import load_model, save_pretrained
 from machinery.hub import resolve_checkpoint
+from machinery.integrity import kill_point, verify_digest, write_digest
 from machinery.lora import add_lora, load_lora_state_dict, lora_disabled, lora_merged, lora_state_dict, train_only_head
 from machinery.safetensors import load_safetensors, save_safetensors
 from machinery.tokenizers import hub_file, load_tokenizer
@@ -159,6 +160,12 @@ class Run:
             raise InputError(f"--resume: {self.ckpt} holds no checkpoint to resume from; drop --resume to start afresh")
         state = None
         if cfg.resume:
+            kept = sorted((d for d in os.listdir(cfg.out) if d[:5] == "step-" and d[5:].isdigit()), key=lambda d: int(d[5:]))
+            earlier = kept[-2:-1]  # the newest kept step-N is the checkpoint itself
+            verify_digest(self.ckpt, f"put the previous checkpoint in its place (rm -r {self.ckpt}; cp -r "
+                                     f"{os.path.join(cfg.out, earlier[0])} {self.ckpt}) and --resume, or start afresh "
+                                     f"with --overwrite" if earlier else "start afresh with --overwrite (no earlier "
+                                     "checkpoint is kept: --keep-checkpoints keeps them)")
             try:
                 state = torch.load(os.path.join(self.ckpt, "train_state.pt"), weights_only=False)
             except Exception as e:  # torch raises RuntimeError, EOFError or pickle errors on a damaged file
@@ -411,10 +418,10 @@ class Run:
         if self.rank == 0:
             state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
                      "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "skipped": self.skipped}
-            try:
-                save_checkpoint(self.ckpt, to_save, state, self.tokenizer_file)
+            try:  # the kept copy first: a kill between the two resumes from the previous checkpoint and rewrites it
                 if cfg.keep_checkpoints:
                     save_checkpoint(os.path.join(cfg.out, f"step-{step}"), to_save, state, self.tokenizer_file)
+                save_checkpoint(self.ckpt, to_save, state, self.tokenizer_file)
             except OSError as e:
                 failed = f"cannot write the checkpoint to {self.ckpt} ({e.strerror or e})"
         if self.world > 1 and all_reduce_sum({"failed": failed is not None}, self.device)["failed"]:  # (a barrier)
@@ -422,6 +429,7 @@ class Run:
         if failed:
             raise TrainingError(f"step {step}: {failed}; {self.last_good}; free some space or choose another --out")
         self.saved_step = step
+        kill_point(cfg.out, step)
 
     def finish(self):
         if self.skipped:
@@ -511,6 +519,7 @@ def save_checkpoint(folder, policy, state, tokenizer_file=None):
         shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
     torch.save(state, os.path.join(tmp, "train_state.pt.tmp"))
     os.replace(os.path.join(tmp, "train_state.pt.tmp"), os.path.join(tmp, "train_state.pt"))
+    write_digest(tmp)  # every file, checked on --resume and whenever the folder is loaded
     old = folder.rstrip("/") + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(folder):
