@@ -531,7 +531,8 @@ def dpo_stage(cfg, stages, train, TrainConfig, sft_dir, train_pairs, eval_pairs,
         if not stages.done(name):
             stages.begin(name)
             resume = os.path.exists(os.path.join(out, "checkpoint", "train_state.pt"))
-            log(f"DPO beta {beta:g}: {steps_per_run} steps{' (resuming)' if resume else ''}")
+            saved = max((s for *_, s in _checkpoints("DPO", "beta", beta, out)), default=0) if resume else 0
+            log(f"DPO beta {beta:g}: {steps_per_run} steps{f' (resuming after step {saved})' if resume else ''}")
             train(dpo_config(cfg, TrainConfig, beta, sft_dir, out, every, device, resume), train_pairs, eval_pairs,
                   ref_lp=ref_lp, log=lambda s: None)
             stages.finish(name)
@@ -567,7 +568,7 @@ def ranking_stage(cfg, stages, train_rankings, TrainConfig, sft_dir, sft_model, 
                                epochs=1, save_every=every, device=device, seed=cfg.seed, adam_eps=cfg.adam_eps,
                                trainable=cfg.trainable, resume=True)  # from its newest checkpoint, if any
             log(f"DPO-PL beta {beta:g}: {steps_per_run} steps of {per_step} rankings of {cfg.n_samples}")
-            train_rankings(tcfg, rankings, reference, log=lambda s: None)
+            train_rankings(tcfg, rankings, reference, log=log)
             stages.finish(name)
         runs += _checkpoints("DPO-PL", "beta", beta, out)
     return runs

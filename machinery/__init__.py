@@ -13,4 +13,9 @@ proves it). The reader's path is the top level: model.py -> dpo.py -> data.py ->
     fast.py         the fast log-prob paths (chunked head, shared prompts, micro-batches by length, compile)
     runtime.py      run plumbing: processes (DDP/FSDP), the run folder, resume, checkpoints, numeric guards, metrics
     memory.py       memory planning (--estimate-memory)
+    integrity.py    atomic writes, checkpoint digests (digest.json) checked at every load, corruption named as such
+    stages.py       stage records (each stage keyed on its settings and inputs: reuse, resume, recompute, and why)
+                    and resumable trainer checkpoints (weights, optimiser, generators, position)
+    corpora.py      the dialogue and summarization data: HH single-turn prompts, 2-shot, splits by prompt; TL;DR
+                    posts and comparisons; CNN/DailyMail articles
 """
