@@ -680,7 +680,8 @@ def main(argv=None):
     keep_freed_memory()  # large logits tensors are reused, not re-mapped from the kernel every step
     if "--task" in argv and argv[argv.index("--task") + 1:][:1] == ["imdb"] and "--data" not in argv:
         i = argv.index("--task")  # the whole experiment; `--task imdb --data PAIRS.jsonl` trains on a pairs file
-        return imdb.main(argv[:i] + argv[i + 2:], train, TrainConfig, train_rankings)
+        return imdb.main(argv[:i] + argv[i + 2:], train, TrainConfig, train_rankings,
+                         online_dpo=(dpo_loss, make_optimizer))
     cfg = parse_args(argv)
     if cfg.estimate_memory:  # arithmetic only: nothing is loaded, downloaded or written
         return memory.main(cfg, check_config)

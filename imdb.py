@@ -2,7 +2,7 @@
 
     python dpo.py --task imdb [--preset cpu|gpu] [--out runs/imdb]
 
-Stages, each cached on disk so that a re-run skips what is finished:
+Stages, each cached on disk so that a re-run skips what is finished (--methods: only those the chosen methods need):
   1. SFT: the base model fine-tuned on IMDb train reviews (or, on CPU, a small GPT trained from scratch)
   2. the ground-truth reward r*(x, y) = P(positive | x + y): a classifier trained on IMDb train labels
   3. preference pairs: prefixes of 2-8 tokens of train reviews, 4 samples each from pi_SFT, scored by r*,
@@ -11,6 +11,8 @@ Stages, each cached on disk so that a re-run skips what is finished:
      DPO-PL: each prefix's ranking of its 4 samples as one Plackett-Luce term instead of 6 pairs (Appendix A.3);
      the RLHF baselines (ppo.py): a reward model fitted to the same pairs, PPO on it ("PPO") and PPO on r*
      itself ("PPO-GT"); every run saved at several points along its training
+     with --methods online-dpo-gt,online-dpo-rm (not in any preset's default), online DPO (online.py): DPO steps
+     on pairs the current policy samples, labelled by r* or by the reward model, the labels counted
   5. evaluation on prefixes of IMDb test reviews: mean r* and KL(pi || pi_SFT) of the policy's own samples,
      Best-of-N from pi_SFT (by r* and by the reward model), a table and the reward/KL frontier plot; and, for
      each DPO policy, how well its implicit reward beta log pi/pi_SFT ranks fresh samples of those prefixes by
@@ -27,6 +29,7 @@ import time
 import torch
 
 import eval as ev
+import online
 import ppo
 import sft
 from data import EOS, InputError, decode, read_imdb
@@ -48,11 +51,12 @@ IMDB_PRESETS = {
                 max_new_tokens=48, betas="0.05,0.1,1,5", alphas="0.01,0.1", optimizer="rmsprop", lr=1e-6,
                 warmup_steps=150, batch_size=64, micro_batch_size=8, baseline_lr=1e-6, eval_every=100,
                 eval_prompts=512, sample_batch_size=128, adam_eps=1e-8, trainable="all",
-                # the RLHF baselines (Appendix C.1): the reward model trains every weight (the paper: from gpt2-large,
-                # 3 epochs, the best epoch by validation accuracy; here the SFT model with a scalar head, one epoch);
+                # the RLHF baselines (Appendix C.1): the reward model trains every weight, 3 epochs, the best epoch by
+                # held-out pair accuracy kept (the paper's rule; its model is gpt2-large, here the SFT model with a
+                # scalar head);
                 # PPO with TRL's gpt2-sentiment settings (the paper's "TRL" run; PPOConfig's defaults) at the
                 # paper's 1,024 rollouts per PPO step, 100 steps (about 4 passes over the 25,000 prefixes)
-                rm_trainable="all", rm_epochs=1, rm_lr=1e-5, ppo_iterations=100, ppo_batch_size=1024,
+                rm_trainable="all", rm_epochs=3, rm_lr=1e-5, ppo_iterations=100, ppo_batch_size=1024,
                 ppo_minibatch_size=64, ppo_epochs=4, ppo_lr=1.41e-5, ppo_value_lr=0, ppo_kl_coef=0.2,
                 ppo_kl_target=6.0, ppo_lam=0.95, best_of_n="2,4,16,64"),
     # Two CPU cores, offline, in about 19 minutes: a small GPT trained from scratch, 2,400 prefixes, head only;
@@ -80,6 +84,20 @@ IMDB_PRESETS["tiny"] = {**IMDB_PRESETS["cpu"], **dict(
     ppo_batch_size=8, ppo_minibatch_size=8, ppo_epochs=1, best_of_n="2,4")}
 for _preset in ("gpu", "cpu"):
     IMDB_PRESETS[_preset].update(classifier_epochs=10, max_reviews=0)
+# --methods: every method the pipeline can train and evaluate (the name, the stages it needs are planned in plan()),
+# and each preset's default: all the methods it has always run.
+# Online DPO (online.py) is not in any default: add online-dpo-gt,online-dpo-rm to --methods.
+METHODS = ("dpo", "dpo-pl", "preferred-ft", "unlikelihood", "ppo-gt", "ppo", "best-of-n", "best-of-n-rm",
+           "online-dpo-gt", "online-dpo-rm")
+ONLINE = {"online-dpo-gt": "Online DPO (r*)", "online-dpo-rm": "Online DPO (RM)"}  # stage -> method of its rows
+for _preset in IMDB_PRESETS.values():
+    _preset.setdefault("methods", ",".join(METHODS[:8]))
+# Online DPO's size: a batch of prefixes per iteration, K samples each (K = 2: at most one pair a prefix, as OAIF).
+# GPU: 64 prefixes (<= 64 pairs, offline DPO's batch), 400 iterations (25,600 prefixes, about one pass); CPU: 48
+# prefixes (offline DPO's batch of 48), 50 iterations (one pass over the 2,400); tiny: 4 iterations of 6.
+IMDB_PRESETS["gpu"].update(online_iterations=400, online_prefixes=64, online_samples=2)
+IMDB_PRESETS["cpu"].update(online_iterations=50, online_prefixes=48, online_samples=2)
+IMDB_PRESETS["tiny"].update(online_iterations=4, online_prefixes=6, online_samples=2)
 
 
 @dataclasses.dataclass
@@ -113,7 +131,8 @@ class ImdbConfig:
     sample_batch_size: int = field(None, "sequences per generate call")
     rm_trainable: str = field(None, "the learned reward model of 'PPO' (the SFT model with a scalar head, Bradley-Terry on "
                               "the training pairs): all (every weight) or head (the scalar head on the frozen SFT model)")
-    rm_epochs: int = field(None, "reward model epochs over the training pairs (the paper: 3)")
+    rm_epochs: int = field(None, "reward model epochs over the training pairs, the epoch with the best held-out pair "
+                           "accuracy kept (the paper: 3; the CPU preset: 1)")
     rm_lr: float = field(None, "reward model learning rate (AdamW)")
     ppo_iterations: int = field(None, "PPO iterations (rollout batches) of PPO and PPO-GT, each saved after a quarter, "
                                 "half, three quarters and all of them; 0: no PPO")
@@ -125,6 +144,16 @@ class ImdbConfig:
     ppo_kl_coef: float = field(None, "PPO's KL coefficient beta (the initial one with --ppo-kl-target)")
     ppo_kl_target: float = field(None, "sequence KL (nats) the adaptive KL controller steers to; 0: beta fixed")
     ppo_lam: float = field(None, "GAE lambda (1: each token's advantage is the sampled return minus V, no bootstrapping)")
+    methods: str = field(None, "methods to train and evaluate, comma-separated, from: dpo (the --betas sweep), dpo-pl "
+                         "(--ranking-betas), preferred-ft, unlikelihood (--alphas), ppo-gt (PPO on r*), ppo (PPO on "
+                         "the learned reward model), best-of-n (by r*), best-of-n-rm (by the reward model), online-dpo-gt "
+                         "and online-dpo-rm (online DPO labelled by r* or by the reward model: online.py); stages no "
+                         "chosen method needs are not run (preset: all but the online ones)")
+    online_iterations: int = field(None, "online DPO iterations (DPO steps on freshly sampled, labelled pairs), each "
+                                   "run saved after a quarter, half, three quarters and all of them")
+    online_prefixes: int = field(None, "training prefixes online DPO samples per iteration")
+    online_samples: int = field(None, "K: samples per prefix of online DPO from the current policy (>= 2); every "
+                                "pair of unequal reward is labelled. Its beta: DPO's plotted one (0.1 if swept)")
     best_of_n: str = field(None, "Best-of-N sizes N, comma-separated, from one draw of the largest N samples of pi_SFT per "
                            "evaluation prefix; empty: no Best-of-N")
     classifier_epochs: int = field(None, "epochs of the bag-of-tokens reward classifier")
@@ -210,12 +239,24 @@ def numbers(cfg, name, kind=float, low=0.0, strict=True, empty=False):
     return values
 
 
+def chosen_methods(cfg):
+    """--methods as a set of names from METHODS; one line naming the flag for an unknown or empty choice."""
+    chosen = [m.strip() for m in str(cfg.methods).split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise InputError(f"--methods {cfg.methods!r}: {'unknown ' + ', '.join(unknown) + '; ' if unknown else ''}"
+                         f"choose from {','.join(METHODS)}")
+    return set(chosen)
+
+
 def check_flags(cfg, TrainConfig):
     """Every flag of the experiment, before the first stage: a bad value is refused in one line naming it (it used
     to surface as a traceback after earlier stages had run). Then the trainer's own flags, as DPO will see them."""
+    chosen_methods(cfg)
     at_least = {1: ("n_samples", "max_new_tokens", "sft_batch_size", "batch_size", "micro_batch_size", "eval_prompts",
                     "sample_batch_size", "rm_epochs", "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs",
-                    "classifier_epochs", "n_prefixes"),
+                    "classifier_epochs", "n_prefixes", "online_iterations", "online_prefixes"),
+                2: ("online_samples",),
                 0: ("sft_tokens", "eval_every", "warmup_steps", "ppo_iterations", "max_reviews")}
     for low, names in at_least.items():
         for name in names:
@@ -269,22 +310,27 @@ def check_size(cfg):
                          f"smaller --batch-size")
 
 
-def main(argv, train, TrainConfig, train_rankings=None):
+def main(argv, train, TrainConfig, train_rankings=None, online_dpo=None):
     """`python dpo.py --task imdb [flags]` (argv without --task imdb): the experiment, errors in one line."""
     try:
-        run(parse_args(ImdbConfig, argv, __doc__.split("\n")[0]), train, TrainConfig, train_rankings=train_rankings)
+        run(parse_args(ImdbConfig, argv, __doc__.split("\n")[0]), train, TrainConfig, train_rankings=train_rankings,
+            online_dpo=online_dpo)
     except (InputError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def run(cfg, train, TrainConfig, log=print, train_rankings=None):
+def run(cfg, train, TrainConfig, log=print, train_rankings=None, online_dpo=None):
     """The whole IMDb experiment; returns the result rows (method, beta/alpha, step, reward, KL, ...).
     train, TrainConfig and train_rankings are dpo.py's, passed in by dpo.main: the pipeline drives the trainers
-    without importing dpo.py back (without train_rankings, no DPO-PL). Each stage caches its result under cfg.out."""
+    without importing dpo.py back (without train_rankings, no DPO-PL). online_dpo: (dpo_loss, make_optimizer),
+    dpo.py's, for the online DPO methods. Each stage caches its result under cfg.out."""
     cfg = cfg.resolved()
     check_flags(cfg, TrainConfig)  # every flag, before the first stage
+    if online_dpo is None and chosen_methods(cfg) & set(ONLINE):
+        raise InputError(f"--methods {cfg.methods}: online DPO needs dpo.py's dpo_loss and make_optimizer, which this "
+                         f"caller did not pass (imdb.run(..., online_dpo=(dpo_loss, make_optimizer)))")
     device = pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     times, t_start = {}, time.time()
@@ -303,24 +349,41 @@ def run(cfg, train, TrainConfig, log=print, train_rankings=None):
     stage("reward model")
     train_pairs, eval_pairs = pairs_stage(cfg, stages, train_reviews, sft_model, classifier, device, log)
     stage("pairs")
-    ref_lp = reference_stage(cfg, stages, sft_model, train_pairs, eval_pairs, device)
-    stage("reference log-probs")
-    runs = dpo_stage(cfg, stages, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp, device, log)
-    if train_rankings is not None:
+    methods = chosen_methods(cfg)
+    runs = []
+    if "dpo" in methods:
+        ref_lp = reference_stage(cfg, stages, sft_model, train_pairs, eval_pairs, device)
+        stage("reference log-probs")
+        runs += dpo_stage(cfg, stages, train, TrainConfig, sft_dir, train_pairs, eval_pairs, ref_lp, device, log)
+    if train_rankings is not None and "dpo-pl" in methods:
         runs += ranking_stage(cfg, stages, train_rankings, TrainConfig, sft_dir, sft_model, eval_pairs, device, log)
     runs += baseline_stages(cfg, stages, sft_dir, train_pairs, device, log)
     stage("training")
-    reward_model, rm_acc = reward_model_stage(cfg, stages, sft_model, train_pairs, eval_pairs, device, log)
-    stage("reward model of PPO")
-    runs += ppo_stage(cfg, stages, "PPO-GT", classifier.score, sft_dir, sft_model, train_pairs, device, log)
-    runs += ppo_stage(cfg, stages, "PPO", reward_model.score, sft_dir, sft_model, train_pairs, device, log)
+    reward_model, rm_acc = None, None
+    if "reward_model" in stages.plan:
+        reward_model, rm_acc = reward_model_stage(cfg, stages, sft_model, train_pairs, eval_pairs, device, log)
+        stage("reward model of PPO")
+    if "ppo-gt" in stages.plan:
+        runs += ppo_stage(cfg, stages, "PPO-GT", classifier.score, sft_dir, sft_model, train_pairs, device, log)
+    if "ppo" in stages.plan:
+        runs += ppo_stage(cfg, stages, "PPO", reward_model.score, sft_dir, sft_model, train_pairs, device, log)
     stage("PPO")
+    for name, method in ONLINE.items():
+        if name in stages.plan:
+            reward_fn = classifier.score if name == "online-dpo-gt" else reward_model.score
+            runs += online_stage(cfg, stages, name, method, reward_fn, TrainConfig, online_dpo, sft_dir, sft_model,
+                                 train_pairs, device, log)
+            stage(method)
     rows = evaluation_stage(cfg, stages, runs, sft_dir, sft_model, classifier, test_reviews, device, log)
     stage("evaluation")
-    rows += best_of_n_stage(cfg, stages, sft_model, classifier, reward_model, test_reviews, device, log)
-    stage("best-of-N")
-    implicit_reward_stage(cfg, stages, runs, rows, sft_model, classifier, test_reviews, device, log)
-    stage("implicit reward")
+    add_labels(cfg, rows)
+    if "best-of-n" in stages.plan:
+        rows += best_of_n_stage(cfg, stages, sft_model, classifier, reward_model if "best-of-n-rm" in methods else None,
+                                test_reviews, device, log)
+        stage("best-of-N")
+    if "implicit-samples" in stages.plan:
+        implicit_reward_stage(cfg, stages, runs, rows, sft_model, classifier, test_reviews, device, log)
+        stage("implicit reward")
     report(cfg, rows, clf_acc, rm_acc, times, t_start, log)
     return rows
 
@@ -333,6 +396,7 @@ def plan(cfg, with_rankings, log):
     flag recomputes the stages it feeds and everything downstream of them, nothing else."""
     stages = Stages(cfg.out, log)
     add = stages.add
+    methods = chosen_methods(cfg)  # a stage no chosen method needs is not planned
 
     def flags(*names):
         return {n: getattr(cfg, n) for n in names}
@@ -342,33 +406,46 @@ def plan(cfg, with_rankings, log):
         ["classifier.pt", "classifier_accuracy.json", "reward_accuracy.json"])
     add("pairs", {**reviews, **flags("n_prefixes", "n_samples", "max_new_tokens", "sample_batch_size")},
         ["sft", "classifier"], ["pairs.jsonl", "rankings.jsonl"])
-    add("reference", flags("micro_batch_size"), ["sft", "pairs"], ["reference_logps.pt"])
+    if "dpo" in methods:
+        add("reference", flags("micro_batch_size"), ["sft", "pairs"], ["reference_logps.pt"])
     training = flags("optimizer", "lr", "warmup_steps", "batch_size", "eval_every", "adam_eps", "trainable", "seed")
-    for beta in numbers(cfg, "betas"):
+    for beta in numbers(cfg, "betas") if "dpo" in methods else []:
         add(f"dpo-beta{beta:g}", {**training, **flags("micro_batch_size"), "beta": beta}, ["sft", "pairs", "reference"],
             [f"dpo-beta{beta:g}"])
-    if with_rankings and numbers(cfg, "ranking_betas", empty=True):
+    if with_rankings and "dpo-pl" in methods and numbers(cfg, "ranking_betas", empty=True):
         add("reference-rankings", flags("sample_batch_size"), ["sft", "pairs"], ["reference_rankings.pt"])
         for beta in numbers(cfg, "ranking_betas", empty=True):
             add(f"dpo-pl-beta{beta:g}", {**training, **flags("n_samples"), "beta": beta},
                 ["sft", "pairs", "reference-rankings"], [f"dpo-pl-beta{beta:g}"])
     baseline = flags("baseline_lr", "batch_size", "eval_every", "trainable", "seed")
-    add("preferred-ft", baseline, ["sft", "pairs"], ["preferred-ft"])
-    for alpha in numbers(cfg, "alphas", low=0, strict=False, empty=True):
+    if "preferred-ft" in methods:
+        add("preferred-ft", baseline, ["sft", "pairs"], ["preferred-ft"])
+    for alpha in numbers(cfg, "alphas", low=0, strict=False, empty=True) if "unlikelihood" in methods else []:
         add(f"unlikelihood-alpha{alpha:g}", {**baseline, "alpha": alpha}, ["sft", "pairs"], [f"unlikelihood-alpha{alpha:g}"])
-    add("reward_model", flags("rm_trainable", "rm_epochs", "rm_lr", "micro_batch_size", "seed"), ["sft", "pairs"],
-        ["reward_model", "reward_model-checkpoints"])
-    if cfg.ppo_iterations > 0:
-        rl = flags("ppo_iterations", "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr", "ppo_value_lr",
-                   "ppo_kl_coef", "ppo_kl_target", "ppo_lam", "max_new_tokens", "trainable", "seed")
-        add("ppo-gt", rl, ["sft", "pairs", "classifier"], ["ppo-gt"])
-        add("ppo", rl, ["sft", "pairs", "reward_model"], ["ppo"])
-    evaluation = {**reviews, **flags("eval_prompts", "max_new_tokens", "sample_batch_size")}
+    ppo = cfg.ppo_iterations > 0 and "ppo" in methods
     sizes = numbers(cfg, "best_of_n", kind=int, low=1, strict=False, empty=True)
-    if sizes:
-        add("best-of-n", {**evaluation, "largest_n": max(sizes)}, ["sft", "classifier", "reward_model"],
-            ["best_of_n_samples.json"])
-    add("implicit-samples", {**evaluation, **flags("n_samples")}, ["sft", "classifier"], ["implicit_samples.json"])
+    if ppo or (sizes and "best-of-n-rm" in methods) or "online-dpo-rm" in methods:
+        add("reward_model", flags("rm_trainable", "rm_epochs", "rm_lr", "micro_batch_size", "seed"), ["sft", "pairs"],
+            ["reward_model", "reward_model-checkpoints"])
+    rl = flags("ppo_iterations", "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs", "ppo_lr", "ppo_value_lr",
+               "ppo_kl_coef", "ppo_kl_target", "ppo_lam", "max_new_tokens", "trainable", "seed")
+    if cfg.ppo_iterations > 0 and "ppo-gt" in methods:
+        add("ppo-gt", rl, ["sft", "pairs", "classifier"], ["ppo-gt"])
+    if ppo:
+        add("ppo", rl, ["sft", "pairs", "reward_model"], ["ppo"])
+    online_settings = {**flags("online_iterations", "online_prefixes", "online_samples", "max_new_tokens",
+                               "sample_batch_size", "optimizer", "lr", "warmup_steps", "adam_eps", "trainable", "seed"),
+                       "beta": _plotted_beta(cfg)}
+    for name in ONLINE:
+        if name in methods:
+            add(name, online_settings,
+                ["sft", "pairs", "classifier" if name == "online-dpo-gt" else "reward_model"], [name])
+    evaluation = {**reviews, **flags("eval_prompts", "max_new_tokens", "sample_batch_size")}
+    if sizes and methods & {"best-of-n", "best-of-n-rm"}:  # the reward model scores the draw for best-of-n-rm only
+        add("best-of-n", {**evaluation, "largest_n": max(sizes)},
+            ["sft", "classifier"] + (["reward_model"] if "best-of-n-rm" in methods else []), ["best_of_n_samples.json"])
+    if methods & {"dpo", "dpo-pl"}:
+        add("implicit-samples", {**evaluation, **flags("n_samples")}, ["sft", "classifier"], ["implicit_samples.json"])
     stages.evaluation = evaluation  # what each policy's eval.json is keyed on, with the policy's stage
     return stages
 
@@ -594,6 +671,7 @@ def baseline_stages(cfg, stages, sft_dir, train_pairs, device, log):
     chosen_, rejected_ = [p["chosen_ids"] for p in train_pairs], [p["rejected_ids"] for p in train_pairs]
     baselines = [("Preferred-FT", None, None, "nll")] + [("Unlikelihood", "alpha", float(a), "unlikelihood")
                                                          for a in numbers(cfg, "alphas", low=0, strict=False, empty=True)]
+    baselines = [b for b in baselines if b[0].lower() in chosen_methods(cfg)]  # --methods
     every = _checkpoint_every(steps_per_run, cfg.eval_every)  # DPO's evaluation points
     for method, key, value, objective in baselines:
         name = method.lower() + (f"-alpha{value:g}" if value is not None else "")
@@ -630,7 +708,8 @@ def reward_model_stage(cfg, stages, sft_model, train_pairs, eval_pairs, device, 
     """4d. The learned reward model of "PPO" (ppo.train_reward_model): the SFT model with a scalar head, fitted by
     Bradley-Terry to the training pairs DPO learns from; --rm-trainable head trains the scalar head alone on the
     frozen SFT model, all: every weight. Its ranking accuracy on the held-out pairs (those DPO reports its
-    held-out accuracy on) is the number to compare with DPO's implicit reward. Saved in out/reward_model: head.pt,
+    held-out accuracy on) is the number to compare with DPO's implicit reward; with --rm-epochs above 1 the epoch
+    with the best held-out accuracy is kept (Appendix C.1; that accuracy is then a selected one). Saved in out/reward_model: head.pt,
     the trunk (model.safetensors) only when it trained, accuracy.json last; checkpoints along the way (a quarter
     of the run apart) in out/reward_model-checkpoints. Returns (model, accuracy dict)."""
     folder = os.path.join(cfg.out, "reward_model")
@@ -649,8 +728,9 @@ def reward_model_stage(cfg, stages, sft_model, train_pairs, eval_pairs, device, 
     checkpoints = Checkpoints(folder + "-checkpoints", math.ceil(total / 4), total, keep=False, log=log)
     model, accuracy = ppo.train_reward_model(sft_model, train_pairs, train_trunk=cfg.rm_trainable == "all",
                                              epochs=cfg.rm_epochs, batch_size=cfg.micro_batch_size, lr=cfg.rm_lr,
-                                             seed=cfg.seed, log=log, checkpoints=checkpoints)
+                                             seed=cfg.seed, log=log, checkpoints=checkpoints, held_out=eval_pairs)
     acc = {"heldout_accuracy": accuracy(eval_pairs), "n": len(eval_pairs), "trainable": cfg.rm_trainable,
+           "per_epoch": accuracy.per_epoch, "best_epoch": accuracy.best_epoch,
            "train_accuracy": accuracy(train_pairs[::max(1, len(train_pairs) // 2000)]), "seconds": time.time() - t0}
     os.makedirs(folder, exist_ok=True)
     if cfg.rm_trainable == "all":
@@ -699,6 +779,56 @@ def ppo_stage(cfg, stages, method, reward_fn, sft_dir, sft_model, train_pairs, d
     return _checkpoints(method, None, None, out)
 
 
+def online_stage(cfg, stages, name, method, reward_fn, TrainConfig, online_dpo, sft_dir, sft_model, train_pairs,
+                 device, log):
+    """4f. Online DPO (online.py): from the SFT model against the frozen SFT model, each iteration
+    --online-prefixes training prefixes (those DPO and PPO learn from), --online-samples samples each from the
+    current policy, every pair labelled by reward_fn (r* for "Online DPO (r*)", the learned reward model for
+    "Online DPO (RM)"), one DPO step with DPO's beta (the plotted one), optimiser, warm-up and clipping (dpo.py's
+    dpo_loss and make_optimizer, passed in as online_dpo), the weights --trainable names. Saved after a quarter,
+    half, three quarters and all of the iterations (out/NAME/step-N), with history.jsonl (labels per iteration).
+    Returns its runs as dpo_stage."""
+    dpo_loss, make_optimizer = online_dpo
+    out = os.path.join(cfg.out, name)
+    beta = _plotted_beta(cfg)
+    if not stages.done(name):
+        stages.begin(name)
+        prompts = list({p["group"]: p["prompt_ids"] for p in train_pairs}.values())  # one per training prefix
+        policy = from_pretrained(sft_dir, device=device)
+        if cfg.trainable == "head":
+            train_only_head(policy)
+        every = _checkpoint_every(cfg.online_iterations)
+        tcfg = dpo_config(cfg, TrainConfig, beta, sft_dir, out, every, device)
+        optimizer, scheduler = make_optimizer(tcfg, [p for p in policy.parameters() if p.requires_grad], device)
+        ocfg = online.OnlineConfig(iterations=cfg.online_iterations, prefixes=cfg.online_prefixes,
+                                   samples=cfg.online_samples, beta=beta, max_new_tokens=cfg.max_new_tokens,
+                                   max_grad_norm=tcfg.max_grad_norm, sample_batch_size=cfg.sample_batch_size,
+                                   seed=cfg.seed)
+        log(f"{method}: {cfg.online_iterations} iterations of {cfg.online_prefixes} prefixes x {cfg.online_samples} "
+            f"samples, beta {beta:g}")
+        os.makedirs(out, exist_ok=True)
+        checkpoints = Checkpoints(out, every, cfg.online_iterations, log=log)
+        history = online.train_online_dpo(policy, sft_model, reward_fn, prompts, ocfg, dpo_loss, optimizer, scheduler,
+                                          checkpoints=checkpoints, log=None)
+        atomic_write(os.path.join(out, "history.jsonl"), lambda f: f.writelines(json.dumps(h) + "\n" for h in history))
+        stages.finish(name)
+    return _checkpoints(method, "beta", beta, out)
+
+
+def add_labels(cfg, rows):
+    """The labels each online DPO checkpoint consumed to reach it (history.jsonl): labels (labelled pairs) and
+    reward_calls, added to its rows."""
+    for name, method in ONLINE.items():
+        path = os.path.join(cfg.out, name, "history.jsonl")
+        if not os.path.exists(path):
+            continue
+        history = {h["iteration"]: h for h in ev.read_jsonl(path)}
+        for row in rows:
+            if row["method"] == method and row["step"] in history:
+                row["labels"] = history[row["step"]]["pairs_total"]
+                row["reward_calls"] = history[row["step"]]["reward_calls_total"]
+
+
 def best_of_n_rows(method, true_rewards, selection_scores, sizes, prompts=None, completions=None, n_show=3):
     """Best-of-N rows from one draw: true_rewards and selection_scores (P, M), the r* and the selecting score of
     M samples of each of P prefixes. For each N in sizes, each prefix keeps the best of its FIRST N samples by
@@ -742,12 +872,16 @@ def best_of_n_stage(cfg, stages, sft_model, classifier, reward_model, test_revie
                                             torch.Generator(device).manual_seed(cfg.seed + 4))
         sequences = [p + c for p, c in zip(rows_x, completions)]
         return {"completions": completions, "rewards": classifier.score(sequences).tolist(),
-                "rm_scores": reward_model.score(sequences, cfg.sample_batch_size).tolist()}
+                **({"rm_scores": reward_model.score(sequences, cfg.sample_batch_size).tolist()} if reward_model else {})}
     samples = _stage_json(stages, "best-of-n", os.path.join(cfg.out, "best_of_n_samples.json"), draw, log)
     true = torch.tensor(samples["rewards"]).view(len(prompts), m)                          # (P, M)
-    rm = torch.tensor(samples["rm_scores"]).view(len(prompts), m)                          # (P, M)
-    return (best_of_n_rows("Best-of-N", true, true, sizes, prompts, samples["completions"]) +
-            best_of_n_rows("Best-of-N (RM)", true, rm, sizes, prompts, samples["completions"]))
+    methods, rows = chosen_methods(cfg), []
+    if "best-of-n" in methods:
+        rows += best_of_n_rows("Best-of-N", true, true, sizes, prompts, samples["completions"])
+    if "best-of-n-rm" in methods:
+        rm = torch.tensor(samples["rm_scores"]).view(len(prompts), m)                      # (P, M)
+        rows += best_of_n_rows("Best-of-N (RM)", true, rm, sizes, prompts, samples["completions"])
+    return rows
 
 
 def evaluation_stage(cfg, stages, runs, sft_dir, sft_model, classifier, test_reviews, device, log):
@@ -863,10 +997,12 @@ def report(cfg, rows, clf_acc, rm_acc, times, t_start, log):
                 f"Spearman {r['implicit_spearman']:.3f}, within a prefix {r['implicit_pearson_within']:.3f}, "
                 f"ranking accuracy {r['implicit_accuracy']:.3f} (fresh test samples)" +
                 (f", {r['heldout_accuracy']:.3f} (held-out pairs)" if r.get("heldout_accuracy") is not None else ""))
-    log(f"reward model of PPO ({rm_acc['trainable']}): held-out pair accuracy {rm_acc['heldout_accuracy']:.3f} on "
-        f"{rm_acc['n']} pairs (training pairs {rm_acc['train_accuracy']:.3f}); DPO's implicit reward on the same pairs, "
-        "last step: " + ", ".join(f"beta {r['beta']:g} {r['heldout_accuracy']:.3f}" for r in rows if r["method"] == "DPO"
-                                  and "implicit_pearson" in r and r.get("heldout_accuracy") is not None))
+    if rm_acc is not None:
+        log(f"reward model of PPO ({rm_acc['trainable']}): held-out pair accuracy {rm_acc['heldout_accuracy']:.3f} on "
+            f"{rm_acc['n']} pairs (training pairs {rm_acc['train_accuracy']:.3f}); DPO's implicit reward on the same "
+            "pairs, last step: " + ", ".join(f"beta {r['beta']:g} {r['heldout_accuracy']:.3f}" for r in rows
+                                             if r["method"] == "DPO" and "implicit_pearson" in r
+                                             and r.get("heldout_accuracy") is not None))
     for method in ("PPO-GT", "PPO"):
         history = os.path.join(cfg.out, method.lower(), "history.jsonl")
         if os.path.exists(history):
@@ -879,5 +1015,5 @@ def report(cfg, rows, clf_acc, rm_acc, times, t_start, log):
         log(f"sample, {method}: {sample['prompt']!r} -> {sample['completion']!r} (reward {sample['reward']:.2f})")
     write_json(os.path.join(cfg.out, "summary.json"), {
         "times_s": times, "total_s": total, "classifier_accuracy": clf_acc["test_accuracy"],
-        "reward_model_accuracy": rm_acc["heldout_accuracy"], "config": dataclasses.asdict(cfg)})
+        "reward_model_accuracy": rm_acc["heldout_accuracy"] if rm_acc else None, "config": dataclasses.asdict(cfg)})
     log(f"wrote {cfg.out}/results.csv, results.json, frontier.png, summary.json")

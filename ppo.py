@@ -406,36 +406,23 @@ def pair_scores(model, pairs):
 
 
 def train_reward_model(trunk, pairs, train_trunk=False, epochs=1, batch_size=16, lr=1e-4, seed=0, log=None,
-                       checkpoints=None):
+                       checkpoints=None, held_out=None):
     """Fits a RewardModel on a copy of `trunk` (the SFT model, say; it is not modified) to preference pairs (dicts
     with prompt_ids, chosen_ids, rejected_ids) with AdamW on the Bradley-Terry loss. train_trunk=False trains the
     scalar head only. checkpoints (machinery.stages.Checkpoints, counting batches over all epochs), if given,
     saves the trunk with the head, optimiser and generator and resumes from the newest.
-    Returns (model, accuracy) with accuracy(pairs) -> the share of pairs ranked right."""
+    held_out (pairs), if given: after each epoch the model's ranking accuracy on them, and the weights of the epoch
+    with the best one are kept (ties: the earlier epoch), as Appendix C.1 picks the reward model's epoch by
+    validation accuracy (the best weights so far travel in the checkpoint; test_online.py checks a run whose best
+    epoch is not the last). Note the kept model's accuracy on held_out is then a selected, optimistic number.
+    Returns (model, accuracy) with accuracy(pairs) -> the share of pairs ranked right, and accuracy.per_epoch (the
+    held-out accuracy after each epoch) and accuracy.best_epoch (1-based; the last epoch without held_out)."""
     model = RewardModel(copy.deepcopy(trunk)).to(trunk.wte.weight.device)
     model.trunk.requires_grad_(train_trunk)
     model.eval()  # no dropout; gradients flow all the same
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     per_epoch = math.ceil(len(pairs) / batch_size)
-    done, saved = checkpoints.resume(model.trunk, optimizer, [generator]) if checkpoints else (0, {})
-    if saved:
-        model.head.load_state_dict(saved["head"])
-    order = saved.get("order")
-    for step in range(done, epochs * per_epoch):
-        epoch, k = divmod(step, per_epoch)
-        if k == 0:
-            order = torch.randperm(len(pairs), generator=generator).tolist()
-        loss, acc = reward_model_loss(*pair_scores(model, [pairs[i] for i in order[k * batch_size:(k + 1) * batch_size]]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if checkpoints:
-            checkpoints.maybe_save(step + 1, model.trunk, optimizer, [generator], head=model.head.state_dict(),
-                                   order=order)
-        if log and k == per_epoch - 1:
-            log(f"reward model epoch {epoch + 1}/{epochs} | loss {loss.item():.4f} | acc {acc.item():.3f}")
-    model.requires_grad_(False)
 
     @torch.no_grad()
     def accuracy(held_out, batch_size=64):
@@ -444,6 +431,37 @@ def train_reward_model(trunk, pairs, train_trunk=False, epochs=1, batch_size=16,
             chosen_scores, rejected_scores = pair_scores(model, held_out[s:s + batch_size])
             right += (chosen_scores > rejected_scores).sum().item()
         return right / len(held_out)
+
+    done, saved = checkpoints.resume(model.trunk, optimizer, [generator]) if checkpoints else (0, {})
+    if saved:
+        model.head.load_state_dict(saved["head"])
+    order = saved.get("order")
+    per_epoch_acc, best = saved.get("per_epoch", []), saved.get("best")  # best: (epoch, accuracy, CPU state dict)
+    for step in range(done, epochs * per_epoch):
+        epoch, k = divmod(step, per_epoch)
+        if k == 0:
+            order = torch.randperm(len(pairs), generator=generator).tolist()
+        loss, acc = reward_model_loss(*pair_scores(model, [pairs[i] for i in order[k * batch_size:(k + 1) * batch_size]]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if held_out and k == per_epoch - 1:  # end of an epoch: keep its weights if they rank held_out best so far
+            per_epoch_acc.append(accuracy(held_out))
+            if best is None or per_epoch_acc[-1] > best[1]:
+                best = (epoch + 1, per_epoch_acc[-1],
+                        {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()})
+        if checkpoints:
+            checkpoints.maybe_save(step + 1, model.trunk, optimizer, [generator], head=model.head.state_dict(),
+                                   order=order, per_epoch=per_epoch_acc, best=best)
+        if log and k == per_epoch - 1:
+            log(f"reward model epoch {epoch + 1}/{epochs} | loss {loss.item():.4f} | acc {acc.item():.3f}" +
+                (f" | held-out acc {per_epoch_acc[-1]:.3f}" if held_out else ""))
+    if best is not None and best[0] != epochs:
+        model.load_state_dict(best[2])
+        if log:
+            log(f"reward model: kept epoch {best[0]} of {epochs} (held-out accuracy {best[1]:.3f})")
+    model.requires_grad_(False)
+    accuracy.per_epoch, accuracy.best_epoch = per_epoch_acc, best[0] if best is not None else epochs
     return model, accuracy
 
 

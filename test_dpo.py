@@ -381,7 +381,7 @@ def test_plain_dpo_loss_equals_the_dpo_variant_exactly():
 
 
 def test_plain_dpo_loss_grad_matches_autograd():
-    """Eq. 6 by hand: dL/dlog pi(y_w) = -(beta/B) sigmoid(-beta h) = -dL/dlog pi(y_l), against autograd of the mean loss."""
+    """The gradient (Section 4's unnumbered equation) by hand: dL/dlog pi(y_w) = -(beta/B) sigmoid(-beta h) = -dL/dlog pi(y_l), against autograd of the mean loss."""
     pi_w, pi_l, ref_w, ref_l = _pairs64()
     for beta in (0.1, 0.5, 2.0):
         leaves = [pi_w.clone().requires_grad_(True), pi_l.clone().requires_grad_(True)]

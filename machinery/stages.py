@@ -97,10 +97,11 @@ class Stages:
             return "recompute", self._why(stage, record)
         if record["status"] != "done":
             return "resume", "interrupted"
-        for path in record.get("present", []):
-            if not os.path.exists(path):
-                return "recompute", f"{path} is missing"
-        for path, digest in record.get("files", {}).items():
+        for rel in record.get("present", []):  # paths relative to out: a copied or moved out folder still works
+            if not os.path.exists(os.path.join(self.out, rel)):
+                return "recompute", f"{os.path.join(self.out, rel)} is missing"
+        for rel, digest in record.get("files", {}).items():
+            path = os.path.join(self.out, rel)
             if not os.path.exists(path) or sha256(path) != digest:
                 return "recompute", f"{path} changed since it was written"
         return "reuse", "same settings and inputs"
@@ -123,7 +124,7 @@ class Stages:
                 stale = record is None or any(i not in self.plan or self.plan[i].key != k
                                               for i, k in record.get("inputs", {}).items())
                 if stale:
-                    self._remove(name, (record or {}).get("paths", []))
+                    self._remove(name, [os.path.join(self.out, p) for p in (record or {}).get("paths", [])])
                 self.log(f"  {name:<24} {'removed' if stale else 'kept':<10} not in this run"
                          f"{': computed from other inputs' if stale else ''}")
         for path in final:
@@ -142,9 +143,11 @@ class Stages:
 
     def _write(self, stage, status, files=None, present=()):
         os.makedirs(self.records, exist_ok=True)
+        rel = lambda p: os.path.relpath(p, self.out)  # noqa: E731
         write_json(os.path.join(self.records, stage.name + ".json"),
                    {"name": stage.name, "key": stage.key, "status": status, "settings": stage.settings,
-                    "inputs": stage.inputs, "paths": stage.paths, "present": list(present), "files": files or {}})
+                    "inputs": stage.inputs, "paths": [rel(p) for p in stage.paths], "present": [rel(p) for p in present],
+                    "files": {rel(p): d for p, d in (files or {}).items()}})
 
     def begin(self, name):
         """The stage starts (or resumes): recorded as running, with its key."""

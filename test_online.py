@@ -1,0 +1,297 @@
+"""Tests for online DPO (online.py) and for what it rides on in the IMDb experiment: --methods (which methods a
+run trains and evaluates; the stages no chosen method needs are not planned) and the reward model's best epoch
+(ppo.train_reward_model with a held-out set, Appendix C.1).
+
+    python -m pytest -q test_online.py
+"""
+import json
+import os
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken"))
+IMDB = os.environ.get("DPO_IMDB", os.path.join(HERE, "..", "shared", "data", "aclImdb_v1.tar.gz"))
+needs_imdb = pytest.mark.skipif(not os.path.exists(IMDB), reason=f"IMDb archive not found at {IMDB} (set DPO_IMDB)")
+
+import dpo
+import imdb
+
+
+def planned(**changes):
+    cfg = imdb.ImdbConfig(preset="tiny", out="unused", imdb=IMDB, **changes).resolved()
+    return set(imdb.plan(cfg, True, log=lambda s: None).plan)
+
+
+# ----------------------------------------------------------------------------------------------
+# --methods
+
+def test_methods_default_plans_every_stage_of_the_preset():
+    assert planned() == {"sft", "classifier", "pairs", "reference", "dpo-beta0.1", "reference-rankings",
+                         "dpo-pl-beta0.1", "preferred-ft", "unlikelihood-alpha0.1", "reward_model", "ppo-gt", "ppo",
+                         "best-of-n", "implicit-samples"}
+    assert planned(methods=",".join(imdb.METHODS[:8])) == planned()
+
+
+def test_methods_plan_only_the_stages_the_chosen_methods_need():
+    assert planned(methods="dpo,ppo-gt") == {"sft", "classifier", "pairs", "reference", "dpo-beta0.1",
+                                             "implicit-samples", "ppo-gt"}
+    assert planned(methods="ppo-gt") == {"sft", "classifier", "pairs", "ppo-gt"}
+    assert planned(methods="best-of-n") == {"sft", "classifier", "pairs", "best-of-n"}
+    assert planned(methods="best-of-n-rm") == {"sft", "classifier", "pairs", "reward_model", "best-of-n"}
+    assert planned(methods="ppo") == {"sft", "classifier", "pairs", "reward_model", "ppo"}
+    assert planned(methods="unlikelihood,dpo-pl") == {"sft", "classifier", "pairs", "unlikelihood-alpha0.1",
+                                                      "reference-rankings", "dpo-pl-beta0.1", "implicit-samples"}
+
+
+def test_methods_do_not_change_the_keys_of_the_stages_they_keep():
+    def keys(**changes):
+        cfg = imdb.ImdbConfig(preset="tiny", out="unused", imdb=IMDB, **changes).resolved()
+        return {n: s.key for n, s in imdb.plan(cfg, True, log=lambda s: None).plan.items()}
+    base, some = keys(), keys(methods="dpo,ppo-gt,ppo")
+    assert all(base[s] == some[s] for s in some)
+
+
+@pytest.mark.parametrize("value", ["dpo,nope", "", "DPO"])
+def test_a_bad_method_is_refused_in_one_line_before_any_stage(tmp_path, capsys, value):
+    out = tmp_path / "run"
+    argv = ["--task", "imdb", "--preset", "tiny", "--out", str(out), "--imdb", IMDB, "--device", "cpu",
+            "--methods", value]
+    assert dpo.main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: --methods {value!r}") and "choose from dpo," in err[0], err
+    assert not out.exists()
+
+
+@needs_imdb
+def test_a_tiny_run_of_dpo_and_ppo_gt_only(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--task", "imdb", "--preset", "tiny", "--out", str(out), "--imdb", IMDB, "--device", "cpu",
+            "--methods", "dpo,ppo-gt"]
+    assert dpo.main(argv) == 0
+    rows = json.load(open(out / "results.json"))
+    assert {r["method"] for r in rows} == {"SFT", "DPO", "PPO-GT"}
+    assert not (out / "reward_model").exists() and not (out / "ppo").exists() and not (out / "preferred-ft").exists()
+    assert json.load(open(out / "summary.json"))["reward_model_accuracy"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The reward model's best epoch (Appendix C.1)
+
+def marker_pairs(n, generator, reverse=False):
+    """Pairs whose chosen response holds token 7 (reverse: whose rejected one does), as in test_ppo."""
+    def response(with_marker):
+        tokens = torch.randint(8, 32, (4,), generator=generator).tolist()
+        if with_marker:
+            tokens[int(torch.randint(4, (1,), generator=generator))] = 7
+        return tokens
+    pairs = []
+    for _ in range(n):
+        prompt = [1] + torch.randint(8, 32, (2,), generator=generator).tolist()
+        marked, plain = response(True), response(False)
+        pairs.append({"prompt_ids": prompt, "chosen_ids": plain if reverse else marked,
+                      "rejected_ids": marked if reverse else plain})
+    return pairs
+
+
+def test_reward_model_keeps_the_best_epoch_not_the_last(tmp_path, monkeypatch):
+    """Held-out pairs labelled against the training rule (the marker is REJECTED there): every epoch of fitting
+    the training pairs lowers the held-out accuracy, so the best epoch is the first. The kept model is then
+    exactly the one-epoch model (the same seed: the same first epoch). Resumable: a run broken after epoch 2 and
+    resumed from its checkpoint (which carries the best weights so far) ends with the same weights."""
+    from machinery.stages import Checkpoints
+    import ppo
+    from model import GPT, GPTConfig
+    g = torch.Generator().manual_seed(0)
+    train_pairs, held_out = marker_pairs(64, g), marker_pairs(40, g, reverse=True)
+    torch.manual_seed(0)
+    trunk = GPT(GPTConfig(vocab_size=32, block_size=32, n_layer=1, n_head=2, n_embd=32)).eval()
+    kw = dict(train_trunk=True, batch_size=16, lr=3e-3, seed=0)
+    model, accuracy = ppo.train_reward_model(trunk, train_pairs, epochs=3, held_out=held_out, **kw)
+    one, _ = ppo.train_reward_model(trunk, train_pairs, epochs=1, **kw)
+    last, last_acc = ppo.train_reward_model(trunk, train_pairs, epochs=3, **kw)
+    assert len(accuracy.per_epoch) == 3 and accuracy.per_epoch[0] > max(accuracy.per_epoch[1:]), accuracy.per_epoch
+    assert accuracy.best_epoch == 1 and last_acc.best_epoch == 3 and last_acc.per_epoch == []
+    assert accuracy(held_out) == accuracy.per_epoch[0]
+    assert all(torch.equal(v, one.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, last.state_dict()[k]) for k, v in model.state_dict().items())
+    # ties keep the earlier epoch: a held-out set every epoch ranks the same (each pair both ways) -> epoch 1
+    both = held_out[:1] + [{**held_out[0], "chosen_ids": held_out[0]["rejected_ids"],
+                            "rejected_ids": held_out[0]["chosen_ids"]}]
+    tied, tied_acc = ppo.train_reward_model(trunk, train_pairs, epochs=2, held_out=both, **kw)
+    assert tied_acc.per_epoch == [0.5, 0.5] and tied_acc.best_epoch == 1
+    # broken after epoch 2 (4 batches an epoch), resumed from the checkpoint at step 8
+    calls, real = [0], ppo.pair_scores
+
+    def breaking(m, pairs):
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == 9:
+                raise KeyboardInterrupt
+        return real(m, pairs)
+    monkeypatch.setattr(ppo, "pair_scores", breaking)
+    folder = str(tmp_path / "rm")
+    with pytest.raises(KeyboardInterrupt):
+        ppo.train_reward_model(trunk, train_pairs, epochs=3, held_out=held_out,
+                               checkpoints=Checkpoints(folder, 4, 12, keep=False, log=lambda s: None), **kw)
+    monkeypatch.setattr(ppo, "pair_scores", real)
+    printed = []
+    resumed, resumed_acc = ppo.train_reward_model(trunk, train_pairs, epochs=3, held_out=held_out,
+                                                  checkpoints=Checkpoints(folder, 4, 12, keep=False,
+                                                                          log=printed.append), **kw)
+    assert printed == ["rm: resumed at step 8 of 12"]
+    assert resumed_acc.per_epoch == accuracy.per_epoch and resumed_acc.best_epoch == 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in resumed.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Online DPO (online.py)
+
+def tiny_sft(folder):
+    from machinery.hf import save_pretrained
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    save_pretrained(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)), str(folder))
+    return str(folder)
+
+
+def toy_reward(sequences):
+    """A made-up reward: the share of even token ids (distinct enough that ties are rare)."""
+    return torch.tensor([sum(t % 2 == 0 for t in s) / len(s) for s in sequences])
+
+
+def test_online_dpo_first_iteration_at_k2_on_frozen_sft_samples_equals_one_offline_dpo_step(tmp_path):
+    """K = 2 samples of each of 6 prefixes drawn once from pi_SFT and frozen (online DPO's sampler replaced by
+    them): online DPO's first iteration and dpo.py's train (one step, the batch = all the pairs) on the same
+    labelled pairs give the same loss and the same weights after the step (to float rounding: the trainer's
+    fast log-prob path equals eval's to 1e-4)."""
+    import eval as ev
+    import online
+    from machinery.hf import from_pretrained
+    sft_dir = tiny_sft(tmp_path / "sft")
+    sft = from_pretrained(sft_dir).requires_grad_(False)
+    prompts = [[50256, 10 + i, 20 + i] for i in range(6)]
+    frozen = ev.sample_completions(sft, prompts, 2, 5, generator=torch.Generator().manual_seed(1))
+    rewards = toy_reward([p + c for p, c in zip([p for p in prompts for _ in range(2)], frozen)]).tolist()
+    pairs = online.label_pairs(prompts, frozen, rewards, 2)
+    assert 3 <= len(pairs) <= 6
+    offline_pairs = [{"prompt_ids": x, "chosen_ids": w, "rejected_ids": l, "group": i}
+                     for i, (x, w, l) in enumerate(pairs)]
+    tcfg = dpo.TrainConfig(task="imdb", model=sft_dir, out=str(tmp_path / "offline"), beta=0.1, optimizer="adamw",
+                           lr=1e-3, warmup_steps=2, batch_size=len(pairs), micro_batch_size=len(pairs), steps=1,
+                           device="cpu", seed=0, max_length=64, max_prompt_length=16)
+    offline_policy, history = dpo.train(tcfg, offline_pairs, [], log=lambda s: None)
+
+    policy = from_pretrained(sft_dir)
+    optimizer, scheduler = dpo.make_optimizer(tcfg, [p for p in policy.parameters() if p.requires_grad], "cpu")
+    ocfg = online.OnlineConfig(iterations=1, prefixes=6, samples=2, beta=0.1, max_grad_norm=tcfg.max_grad_norm)
+    by_prompt = {tuple(p): frozen[2 * i:2 * i + 2] for i, p in enumerate(prompts)}
+    online_history = online.train_online_dpo(
+        policy, sft, toy_reward, prompts, ocfg, dpo.dpo_loss, optimizer, scheduler, log=None,
+        sample=lambda model, xs, k: [y for x in xs for y in by_prompt[tuple(x)]])  # frozen pi_SFT samples
+    assert online_history[0]["pairs"] == len(pairs) and online_history[0]["reward_calls"] == 12
+    assert abs(online_history[0]["loss"] - history[0]["loss"]) < 1e-5, (online_history[0]["loss"], history[0]["loss"])
+    before, moved = sft.state_dict(), 0
+    for name, weight in offline_policy.state_dict().items():
+        torch.testing.assert_close(policy.state_dict()[name], weight, atol=1e-5, rtol=1e-4)
+        moved += not torch.equal(weight, before[name])
+    assert moved > 0  # the step changed the weights
+
+
+def test_online_dpo_label_accounting_by_hand():
+    """2 prefixes of 2 tokens, K = 3 fixed samples each, the reward = the sequence length. Prefix A's samples have
+    1, 2, 2 tokens -> rewards 3, 4, 4: pairs (2 > 1) and (3 > 1), the tie (2, 3) none -> 2 pairs; prefix B's
+    1, 1, 1 -> all tied -> 0 pairs. Per iteration (both prefixes): 2 x 3 = 6 reward calls, 2 labelled pairs; after
+    3 iterations 18 calls and 6 pairs. An iteration of prefix B alone (prefixes=1) spends 3 calls, takes no step."""
+    import online
+    from model import GPT, GPTConfig
+    a, b = [5, 6], [7, 8]
+    fixed = {tuple(a): [[1], [2, 2], [3, 3]], tuple(b): [[4], [4], [4]]}
+    torch.manual_seed(0)
+    policy, reference = GPT(GPTConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=8)), None
+    reference = GPT(GPTConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=8)).requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    length = lambda seqs: torch.tensor([float(len(s)) for s in seqs])  # noqa: E731
+    sample = lambda model, xs, k: [y for x in xs for y in fixed[tuple(x)]]  # noqa: E731
+    cfg = online.OnlineConfig(iterations=3, prefixes=2, samples=3)
+    history = online.train_online_dpo(policy, reference, length, [a, b], cfg, dpo.dpo_loss, optimizer, scheduler,
+                                      sample=sample, log=None)
+    assert [(h["reward_calls"], h["pairs"]) for h in history] == [(6, 2)] * 3
+    assert [(h["reward_calls_total"], h["pairs_total"]) for h in history] == [(6, 2), (12, 4), (18, 6)]
+    assert online.label_pairs([a], fixed[tuple(a)], [3, 4, 4], 3) == [(a, [2, 2], [1]), (a, [3, 3], [1])]
+    alone = online.train_online_dpo(policy, reference, length, [b], online.OnlineConfig(iterations=1, prefixes=1,
+                                    samples=3), dpo.dpo_loss, optimizer, scheduler, sample=sample, log=None)
+    assert (alone[0]["reward_calls"], alone[0]["pairs"], alone[0]["loss"]) == (3, 0, None)
+
+
+def test_online_dpo_resumes_from_its_checkpoint_with_the_same_weights(tmp_path, monkeypatch):
+    """Sampling from the current policy: a run broken in iteration 3 resumes after iteration 2 (its checkpoint
+    holds the optimiser, scheduler, sampling generator and history) and ends with the uninterrupted run's weights."""
+    import eval as ev
+    import online
+    from machinery.hf import from_pretrained
+    from machinery.stages import Checkpoints
+    sft_dir = tiny_sft(tmp_path / "sft")
+    sft = from_pretrained(sft_dir).requires_grad_(False)
+    prompts = [[50256, 10 + i] for i in range(5)]
+    cfg = online.OnlineConfig(iterations=3, prefixes=2, samples=2, max_new_tokens=4)
+    tcfg = dpo.TrainConfig(task="imdb", model=sft_dir, out=str(tmp_path / "x"), optimizer="adamw", lr=1e-2,
+                           warmup_steps=1, device="cpu")
+
+    def run(folder, printed=None):
+        policy = from_pretrained(sft_dir)
+        optimizer, scheduler = dpo.make_optimizer(tcfg, list(policy.parameters()), "cpu")
+        checkpoints = Checkpoints(str(folder), 1, cfg.iterations, log=(lambda s: None) if printed is None else printed.append)
+        history = online.train_online_dpo(policy, sft, toy_reward, prompts, cfg, dpo.dpo_loss, optimizer, scheduler,
+                                          checkpoints=checkpoints, log=None)
+        return policy, history
+    whole, whole_history = run(tmp_path / "whole")
+    assert sorted(os.listdir(tmp_path / "whole")) == ["step-1", "step-2", "step-3"]
+    calls, real = [0], ev.sample_completions
+
+    def breaking(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ev, "sample_completions", breaking)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "broken")
+    monkeypatch.setattr(ev, "sample_completions", real)
+    printed = []
+    resumed, resumed_history = run(tmp_path / "broken", printed)
+    assert printed == ["broken: resumed at step 2 of 3"]
+    assert [h["pairs_total"] for h in resumed_history] == [h["pairs_total"] for h in whole_history]
+    for name, weight in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], weight), name
+
+
+def test_planned_online_stages_and_their_inputs():
+    cfg = imdb.ImdbConfig(preset="tiny", out="unused", imdb=IMDB, methods="online-dpo-gt,online-dpo-rm").resolved()
+    stages = imdb.plan(cfg, True, log=lambda s: None).plan
+    assert set(stages) == {"sft", "classifier", "pairs", "reward_model", "online-dpo-gt", "online-dpo-rm"}
+    assert set(stages["online-dpo-gt"].inputs) == {"sft", "pairs", "classifier"}
+    assert set(stages["online-dpo-rm"].inputs) == {"sft", "pairs", "reward_model"}
+    assert stages["online-dpo-gt"].settings["beta"] == 0.1 and stages["online-dpo-gt"].settings["online_samples"] == 2
+    assert "online-dpo-gt" not in planned() and "online-dpo-gt" not in \
+        planned(methods=",".join(m for m in imdb.METHODS if not m.startswith("online")))
+
+
+@needs_imdb
+def test_a_tiny_run_of_online_dpo_by_r_star_and_by_the_reward_model(tmp_path):
+    """Every online stage at micro scale: 4 iterations of 6 prefixes x 2 samples, checkpoints after each, each row
+    with the labels consumed to reach it (running totals of history.jsonl: 12 reward calls an iteration)."""
+    out = tmp_path / "run"
+    cfg = imdb.ImdbConfig(preset="tiny", out=str(out), imdb=IMDB, device="cpu", methods="online-dpo-gt,online-dpo-rm")
+    rows = imdb.run(cfg, dpo.train, dpo.TrainConfig, log=lambda s: None, online_dpo=(dpo.dpo_loss, dpo.make_optimizer))
+    for method, name in (("Online DPO (r*)", "online-dpo-gt"), ("Online DPO (RM)", "online-dpo-rm")):
+        mine = [r for r in rows if r["method"] == method]
+        history = [json.loads(line) for line in open(out / name / "history.jsonl")]
+        assert [r["step"] for r in mine] == [1, 2, 3, 4] and len(history) == 4
+        assert [r["reward_calls"] for r in mine] == [12, 24, 36, 48]
+        assert [r["labels"] for r in mine] == [h["pairs_total"] for h in history]
+        assert all(h["pairs"] <= 6 for h in history) and all(r["beta"] == 0.1 for r in mine)
+    assert {r["method"] for r in rows} == {"SFT", "Online DPO (r*)", "Online DPO (RM)"}
+    assert "labels" in open(out / "results.csv").readline()
