@@ -76,6 +76,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import generation
 import imdb
 from data import InputError, read_hh, read_jsonl_pairs, tokenize_pair
 from machinery import memory
@@ -682,6 +683,10 @@ def main(argv=None):
         i = argv.index("--task")  # the whole experiment; `--task imdb --data PAIRS.jsonl` trains on a pairs file
         return imdb.main(argv[:i] + argv[i + 2:], train, TrainConfig, train_rankings,
                          online_dpo=(dpo_loss, make_optimizer))
+    task = argv[argv.index("--task") + 1:][:1] if "--task" in argv else []
+    if (task == ["tldr"] or task == ["hh"] and "--data" not in argv) and "--estimate-memory" not in argv:
+        # the dialogue / summarization experiment (generation.py); `--task hh --data PAIRS` trains on a pairs file
+        return generation.main(argv, train, TrainConfig)
     cfg = parse_args(argv)
     if cfg.estimate_memory:  # arithmetic only: nothing is loaded, downloaded or written
         return memory.main(cfg, check_config)

@@ -158,7 +158,7 @@ def quiet():
 def parsers_of(script):
     """The argparse parsers a script uses (dpo.py: TrainConfig's and, for --task imdb, ImdbConfig's), built by the
     script's own entry point and stopped right after parsing."""
-    calls = {"dpo.py": [lambda: dpo.main([]), lambda: dpo.main(["--task", "imdb"])],
+    calls = {"dpo.py": [lambda: dpo.main([]), lambda: dpo.main(["--task", "imdb"]), lambda: dpo.main(["--task", "hh"])],
              "sft.py": [lambda: sft.parse_args([])], "eval.py": [lambda: ev.parse_args([])],
              "bench.py": [lambda: bench.main([])]}[script]
     parsers = []
@@ -246,13 +246,21 @@ def check_dpo(where, argv, world):
         dpo.check_config(cfg)
         raise Stop(cfg)
 
-    def fake_imdb_run(cfg, train, TrainConfig, log=print, train_rankings=None):
-        dpo.imdb.check_size(cfg.resolved())
+    def fake_imdb_run(cfg, train, TrainConfig, log=print, train_rankings=None, online_dpo=None):
+        dpo.imdb.check_flags(cfg.resolved(), TrainConfig)  # every flag, as the real run checks them first
+        raise Stop(cfg)
+
+    def fake_generation_run(cfg, train, TrainConfig, log=print):
+        cfg = cfg.resolved()
+        if cfg.judge == "api":
+            cfg.judge_url = "http://localhost/v1"  # the flags only: no key or server needed to parse
+        dpo.generation.check(cfg)
         raise Stop(cfg)
 
     with pytest.MonkeyPatch.context() as mp, quiet() as out:
         mp.setattr(dpo, "keep_freed_memory", lambda: None, raising=False)  # a process-wide malloc setting
         mp.setattr(dpo, "train", fake_train)
+        mp.setattr(dpo.generation, "run", fake_generation_run)
         mp.setattr(dpo.imdb, "run", fake_imdb_run)
         mp.setattr(dpo.memory, "memory_report", lambda cfg: "")
         mp.setenv("WORLD_SIZE", str(world))
