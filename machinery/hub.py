@@ -137,6 +137,16 @@ def imdb_path(path=None):
         raise InputError(f"{e}, or set DPO_IMDB to the archive or its extracted aclImdb/ folder") from None
 
 
+def env_file(var, *names):
+    """The first of $var/name for names that exists; none: one line naming both places and the variable."""
+    tries = [os.path.join(os.environ[var], n) for n in names]
+    found = [p for p in tries if os.path.isfile(p)]
+    if not found:
+        raise InputError(f"{var}={os.environ[var]}: holds neither {' nor '.join(tries)}; put the file there or "
+                         f"unset {var}")
+    return found[0]
+
+
 def hh_path(source):
     """A local file as is; a name "subset/split" via $DPO_HH or the download cache."""
     if os.path.exists(source):
@@ -149,13 +159,7 @@ def hh_path(source):
     if subset not in HH_SUBSETS:
         raise InputError(f"{source}: unknown HH subset {subset!r}; use one of {', '.join(HH_SUBSETS)}")
     if os.environ.get("DPO_HH"):
-        tries = [os.path.join(os.environ["DPO_HH"], subset, f"{split}.jsonl.gz"),
-                 os.path.join(os.environ["DPO_HH"], f"{subset}-{split}.jsonl.gz")]
-        found = [p for p in tries if os.path.isfile(p)]
-        if not found:
-            raise InputError(f"DPO_HH={os.environ['DPO_HH']}: holds neither {tries[0]} nor {tries[1]}; "
-                             f"put the file there or unset DPO_HH")
-        return found[0]
+        return env_file("DPO_HH", os.path.join(subset, f"{split}.jsonl.gz"), f"{subset}-{split}.jsonl.gz")
     dest = os.path.join(cache_dir(), "hh-rlhf", subset, f"{split}.jsonl.gz")
     url = HH_URL.format(subset=subset, split=split)
     try:
@@ -176,13 +180,7 @@ def tldr_path(split, override=None):
             raise InputError(f"{path}: no such file; pass the tldr_3_filtered {split}.jsonl file or its folder")
         return path
     if os.environ.get("DPO_TLDR"):
-        tries = [os.path.join(os.environ["DPO_TLDR"], "tldr_3_filtered", f"{split}.jsonl"),
-                 os.path.join(os.environ["DPO_TLDR"], f"{split}.jsonl")]
-        found = [p for p in tries if os.path.isfile(p)]
-        if not found:
-            raise InputError(f"DPO_TLDR={os.environ['DPO_TLDR']}: holds neither {tries[0]} nor {tries[1]}; "
-                             f"put the file there or unset DPO_TLDR")
-        return found[0]
+        return env_file("DPO_TLDR", os.path.join("tldr_3_filtered", f"{split}.jsonl"), f"{split}.jsonl")
     dest = os.path.join(cache_dir(), "summarize-from-feedback", "tldr_3_filtered", f"{split}.jsonl")
     try:
         return download(TLDR_URL.format(split=split), dest, what=f"TL;DR {split}")
