@@ -79,7 +79,8 @@ PRESETS = {
     # (no second model resident) and activation checkpointing: `python dpo.py --estimate-memory` puts full
     # fine-tuning of 2.8B there within one card, and it keeps the paper's update (every weight). GPT-J-6B: the
     # same three would leave the RMSprop state of 6B weights; LoRA rank 16 trains adapters only (README's table).
-    ("hh", "gpu"): dict(fractions="0.7,0.15,0.15", model="EleutherAI/pythia-2.8b", hh_train=HH_TRAIN, hh_test=HH_TEST, max_pairs=0,
+    ("hh", "gpu"): dict(fractions="0.7,0.15,0.15", model="EleutherAI/pythia-2.8b", hh_train=HH_TRAIN, hh_test=HH_TEST,
+                        max_pairs=0,
                         pretrain_tokens=0, sft_epochs=1, sft_lr=1e-5, sft_batch_size=8, optimizer="rmsprop",
                         lr=1e-6, warmup_steps=150, batch_size=64, micro_batch_size=8, eval_prompts=256,
                         agreement_pairs=512, best_of=128, max_length=512, max_prompt_length=256,
@@ -101,14 +102,16 @@ PRESETS = {
                         rm_trainable="all", judge_base="sft", judge_lr=1e-4, judge_trainable="all", trainable="all",
                         curve_temperatures="1.0"),
     # Every stage in about a minute: the tests' micro run.
-    ("hh", "tiny"): dict(fractions="0.7,0.15,0.15", model="scratch:1,2,32", hh_train="harmless-base/test", hh_test="", max_pairs=240,
+    ("hh", "tiny"): dict(fractions="0.7,0.15,0.15", model="scratch:1,2,32", hh_train="harmless-base/test", hh_test="",
+                         max_pairs=240,
                          pretrain_tokens=4000, sft_epochs=1, sft_lr=1e-3, sft_batch_size=16, optimizer="adamw",
                          lr=1e-3, warmup_steps=0, batch_size=16, micro_batch_size=16, eval_prompts=6,
                          agreement_pairs=16, best_of=2, max_length=96, max_prompt_length=48, max_new_tokens=6,
                          sample_batch_size=64, judge="rm", weights_dtype="float32", precompute_ref=True,
                          grad_checkpoint=False, lora_rank=0, rm_lr=1e-3, rm_trainable="head", judge_base="sft",
                          judge_lr=1e-3, judge_trainable="head", trainable="all", curve_temperatures="1.0"),
-    ("tldr", "gpu"): dict(fractions="0.7,0.15,0.15", model="EleutherAI/gpt-j-6b", tldr="", eval_data="", max_pairs=0, pretrain_tokens=0,
+    ("tldr", "gpu"): dict(fractions="0.7,0.15,0.15", model="EleutherAI/gpt-j-6b", tldr="", eval_data="", max_pairs=0,
+                          pretrain_tokens=0,
                           sft_epochs=1, sft_lr=1e-5, sft_batch_size=8, optimizer="rmsprop", lr=1e-6,
                           warmup_steps=150, batch_size=64, micro_batch_size=8, eval_prompts=256,
                           agreement_pairs=512, best_of=128, max_length=640, max_prompt_length=512,
@@ -116,7 +119,8 @@ PRESETS = {
                           precompute_ref=True, grad_checkpoint=True, lora_rank=16, rm_lr=1e-5, rm_trainable="all",
                           judge_base="gpt2-large", judge_lr=1e-5, judge_trainable="all", trainable="all",
                           curve_temperatures="0"),
-    ("tldr", "tiny"): dict(fractions="0.7,0.15,0.15", model="scratch:1,2,32", tldr="", eval_data=os.path.join(HERE, "fixtures", "cnndm.jsonl"), max_pairs=0, pretrain_tokens=4000,
+    ("tldr", "tiny"): dict(fractions="0.7,0.15,0.15", model="scratch:1,2,32", tldr="",
+                           eval_data=os.path.join(HERE, "fixtures", "cnndm.jsonl"), max_pairs=0, pretrain_tokens=4000,
                            sft_epochs=1, sft_lr=1e-3, sft_batch_size=16, optimizer="adamw", lr=1e-3,
                            warmup_steps=0, batch_size=8, micro_batch_size=8, eval_prompts=6, agreement_pairs=16,
                            best_of=2, max_length=160, max_prompt_length=120, max_new_tokens=6, sample_batch_size=64,
@@ -312,7 +316,8 @@ def plan(cfg, methods, log):
     s = lambda *names: {n: getattr(cfg, n) for n in names}  # noqa: E731
     stages = Stages(cfg.out, log)
     scratch = cfg.model.startswith("scratch")
-    stages.add("data", s("task", "hh_train", "hh_test", "tldr", "eval_data", "fractions", "max_pairs", "eval_prompts", "agreement_pairs",
+    stages.add("data", s("task", "hh_train", "hh_test", "tldr", "eval_data", "fractions", "max_pairs", "eval_prompts",
+                         "agreement_pairs",
                          "seed"), paths=["data"])
     stages.add("base", s("model", "pretrain_tokens", "max_length", "seed") if scratch else s("model"), ["data"],
                ["base"])
@@ -337,7 +342,8 @@ def plan(cfg, methods, log):
     for m in methods:
         stages.add(f"samples-{slug(m)}", {**sampling, **(s("best_of") if m == "Best of N" else {})},
                    ["data", *model_stage[m]], [os.path.join("samples", slug(m))])
-        stages.add(f"judge-{slug(m)}", judging, [f"samples-{slug(m)}", *judge_inputs], [os.path.join("judged", slug(m))])
+        stages.add(f"judge-{slug(m)}", judging, [f"samples-{slug(m)}", *judge_inputs],
+                   [os.path.join("judged", slug(m))])
     stages.add("curve", s("curve_temperatures", "max_new_tokens", "max_prompt_length", "sample_batch_size", "seed"),
                ["data", "dpo"], ["curve"])
     stages.add("judge-curve", judging, ["curve", *judge_inputs], [os.path.join("judged", "curve")])
@@ -448,7 +454,8 @@ def base_stage(cfg, stages, splits, tok, device, log):
                  if cfg.task == "hh" else [p["prompt"] + p["reference"] for p in splits["sft"]])
         tokens = sft.review_tokens(texts)
         shape = cfg.model.partition(":")[2]
-        config = dataclasses.replace(sft.scratch_config(), block_size=2 * cfg.max_length)  # shared-prompt batches pad prompts and responses separately: a batch can be wider than --max-length
+        # shared-prompt batches pad prompts and responses separately: a batch can be wider than --max-length
+        config = dataclasses.replace(sft.scratch_config(), block_size=2 * cfg.max_length)
         if shape:
             n_layer, n_head, n_embd = (int(v) for v in shape.split(","))
             config = dataclasses.replace(config, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
@@ -755,7 +762,8 @@ def report(cfg, rows, agreement, splits, files, seconds, log):
     lines = [f"# Samples ({name}, T {t:g}), beside the data's own answer\n"]
     per_method = {m: jd.read_samples(fs[name, t]) for m, fs in files.items()}
     for i, item in enumerate(splits["eval"][name][:3]):
-        lines.append(f"## Prompt {i}\n\n```\n{item['prompt'].strip()[:600]}\n```\n\n**data**: {item['reference'].strip()}\n")
+        lines.append(f"## Prompt {i}\n\n```\n{item['prompt'].strip()[:600]}\n```\n\n"
+                     f"**data**: {item['reference'].strip()}\n")
         lines += [f"**{m}**: {s[i]['response'].strip()}\n" for m, s in per_method.items()]
     atomic_write(os.path.join(cfg.out, "samples.md"), lambda f: f.write("\n".join(lines)))
     accuracies = {}

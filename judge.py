@@ -330,7 +330,8 @@ def train_rm_judge(pairs, out_folder, base_model="gpt2", held_out=None, train_tr
         pairs, held_out = [p for i, p in enumerate(pairs) if i % 10 != 9], pairs[9::10] or pairs[-1:]
     held_out = [_pair_ids(p) for p in held_out]
     if not pairs or not held_out:
-        raise InputError(f"train_rm_judge: {len(pairs)} training and {len(held_out)} held-out pairs; it needs some of each")
+        raise InputError(f"train_rm_judge: {len(pairs)} training and {len(held_out)} held-out pairs; it needs some "
+                         f"of each")
     trunk = load_model(base_model, device, seed) if isinstance(base_model, str) else base_model
     t0 = time.time()
     model, accuracy = ppo.train_reward_model(trunk, pairs, train_trunk=train_trunk, epochs=epochs,

@@ -83,7 +83,8 @@ def verify_digest(folder, fix="start the stage again (delete the folder)"):
         if not os.path.exists(file):
             raise InputError(f"{file}: missing from a checkpoint whose digest lists it; {fix}")
         if sha256(file) != expected:
-            raise InputError(f"{file}: its contents differ from the digest written with it (the file is corrupt); {fix}")
+            raise InputError(f"{file}: its contents differ from the digest written with it (the file is corrupt); "
+                             f"{fix}")
     return True
 
 

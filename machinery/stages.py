@@ -146,7 +146,8 @@ class Stages:
         rel = lambda p: os.path.relpath(p, self.out)  # noqa: E731
         write_json(os.path.join(self.records, stage.name + ".json"),
                    {"name": stage.name, "key": stage.key, "status": status, "settings": stage.settings,
-                    "inputs": stage.inputs, "paths": [rel(p) for p in stage.paths], "present": [rel(p) for p in present],
+                    "inputs": stage.inputs, "paths": [rel(p) for p in stage.paths],
+                    "present": [rel(p) for p in present],
                     "files": {rel(p): d for p, d in (files or {}).items()}})
 
     def begin(self, name):
@@ -180,7 +181,8 @@ def keyed_json(path, settings, inputs, compute, what, log=print):
 
 def rng_state(generators):
     """The random state a trainer needs to continue exactly: torch's global generator (and CUDA's) and its own."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda,
             "generators": [g.get_state() for g in generators]}
 
 
@@ -223,7 +225,8 @@ class Checkpoints:
         try:
             state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
         except Exception as e:  # a damaged pickle raises one of several errors
-            raise InputError(f"{path}/trainer_state.pt: cannot read it ({str(e).splitlines()[0][:80]}); {fix}") from None
+            first = str(e).splitlines()[0][:80]
+            raise InputError(f"{path}/trainer_state.pt: cannot read it ({first}); {fix}") from None
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], generators)
         self.log(f"{os.path.basename(self.folder)}: resumed at step {state['step']} of {self.total}")
