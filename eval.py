@@ -412,7 +412,8 @@ def write_table(rows, path_csv, path_json):
 
 STYLES = {"DPO": ("o", "tab:orange"), "Preferred-FT": ("s", "tab:green"), "Unlikelihood": ("^", "tab:blue"),
           "SFT": ("*", "black"), "PPO": ("D", "tab:purple"), "PPO-GT": ("d", "tab:pink"),
-          "Best-of-N": ("X", "tab:brown"), "Best-of-N (RM)": ("x", "tab:gray"), "DPO-PL": ("P", "tab:red")}
+          "Best-of-N": ("X", "tab:brown"), "Best-of-N (RM)": ("x", "tab:gray"), "DPO-PL": ("P", "tab:red"),
+          "Online DPO (r*)": ("h", "tab:olive"), "Online DPO (RM)": ("H", "tab:cyan")}
 
 
 def _point_label(row):
@@ -479,6 +480,84 @@ def plot_frontier(rows, path_png, title="IMDb Sentiment Generation"):
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     _unoverlap(fig, ax, texts, [(r["kl"], r["reward"]) for r in rows])
+    _save_figure(fig, path_png, dpi=120)
+
+
+def _runs_of(rows, method):
+    """The rows of one method grouped by run (its beta or alpha; Best-of-N: one run over N), in the rows' order."""
+    runs = {}
+    for r in rows:
+        if r["method"] == method:
+            runs.setdefault((r.get("beta"), r.get("alpha")), []).append(r)
+    return runs
+
+
+def plot_reward_vs_labels(rows, path_png, title="IMDb: reward against labels used"):
+    """Reward (y, ± one standard error) against the labels each point consumed (x, log scale): row["reward_calls"],
+    the calls of the labelling reward (r* or the learned reward model) spent to reach that checkpoint (DPO: its
+    training pairs' share of the offline dataset; PPO: its rollouts; online DPO: counted; Best-of-N: N per
+    prefix). Rows without reward_calls (SFT, the methods that label nothing) are left out; SFT's reward is a
+    dotted line. One marker and colour per method as in plot_frontier, the points of one run joined."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    labelled = [r for r in rows if r.get("reward_calls")]
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in labelled)):
+        marker, colour = STYLES.get(method, ("v", f"C{i}"))
+        runs = _runs_of(labelled, method)
+        for j, pts in enumerate(runs.values()):
+            label = None if j else method
+            if len(runs) > 1:
+                ax.annotate(_point_label(pts[-1]), (pts[-1]["reward_calls"], pts[-1]["reward"]), fontsize=7,
+                            color=colour, textcoords="offset points", xytext=(4, 2))
+            ax.errorbar([r["reward_calls"] for r in pts], [r["reward"] for r in pts],
+                        yerr=[r.get("reward_se", 0) or 0 for r in pts], fmt=marker + "-", color=colour, markersize=5,
+                        capsize=2, linewidth=0.8, elinewidth=0.6, label=label)
+    sft = next((r for r in rows if r["method"] == "SFT"), None)
+    if sft:
+        ax.axhline(sft["reward"], color="black", linestyle=":", linewidth=0.8, label="SFT")
+    ax.set_xscale("log")
+    ax.set_xlabel("labels used (reward calls)")
+    ax.set_ylabel("Reward (r*)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    _save_figure(fig, path_png, dpi=120)
+
+
+def plot_overoptimization(rows, path_png, title="IMDb: the learned reward (proxy) and r* (true) along KL"):
+    """Over-optimization of the learned reward model: for every method whose rows carry rm_score (the ones that
+    climb it: PPO, Best-of-N (RM), Online DPO (RM)), the reward model's score (left panel) and r* (right) of the
+    same samples against KL(pi || pi_ref), ± one standard error, each run starting from SFT's point (KL 0) when
+    SFT's row has an rm_score. A proxy that keeps rising while r* falls is over-optimization (Gao et al. 2022).
+    Best-of-N's KL is its analytic upper bound (dashed, as in plot_frontier)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    sft = next((r for r in rows if r["method"] == "SFT" and "rm_score" in r), None)
+    scored = [r for r in rows if r["method"] != "SFT" and "rm_score" in r]
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in scored)):
+        marker, colour = STYLES.get(method, ("v", f"C{i}"))
+        for j, pts in enumerate(_runs_of(scored, method).values()):
+            pts = ([sft] if sft else []) + pts
+            bound = any("kl_estimate" in r for r in pts)
+            for ax, key in ((left, "rm_score"), (right, "reward")):
+                ax.errorbar([r["kl"] for r in pts], [r[key] for r in pts],
+                            xerr=[r.get("kl_se", 0) or 0 for r in pts], yerr=[r.get(key + "_se", 0) or 0 for r in pts],
+                            fmt=marker, color=colour, markersize=5, capsize=2, linewidth=0.8, elinewidth=0.6,
+                            linestyle="--" if bound else "-",
+                            label=None if j else method + (", KL: upper bound" if bound else ""))
+    left.set_ylabel("proxy: learned reward model score")
+    right.set_ylabel("true: r*")
+    for ax in (left, right):
+        ax.set_xlabel(r"KL($\pi\,\|\,\pi_{\mathrm{ref}}$)")
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(title)
+    fig.tight_layout()
     _save_figure(fig, path_png, dpi=120)
 
 

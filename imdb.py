@@ -51,6 +51,7 @@ IMDB_PRESETS = {
                 max_new_tokens=48, betas="0.05,0.1,1,5", alphas="0.01,0.1", optimizer="rmsprop", lr=1e-6,
                 warmup_steps=150, batch_size=64, micro_batch_size=8, baseline_lr=1e-6, eval_every=100,
                 eval_prompts=512, sample_batch_size=128, adam_eps=1e-8, trainable="all",
+                reward="siebert",  # the paper's r* (the bag-of-tokens classifier, printed, if it cannot be loaded)
                 # the RLHF baselines (Appendix C.1): the reward model trains every weight, 3 epochs, the best epoch by
                 # held-out pair accuracy kept (the paper's rule; its model is gpt2-large, here the SFT model with a
                 # scalar head);
@@ -65,7 +66,7 @@ IMDB_PRESETS = {
     "cpu": dict(model="scratch", sft_tokens=500_000, sft_lr=5e-3, sft_batch_size=16, n_prefixes=2400,
                 max_new_tokens=24, betas="0.05,0.1,1", alphas="0.1", optimizer="adamw", lr=4e-4,
                 warmup_steps=10, batch_size=48, micro_batch_size=48, baseline_lr=2e-4, eval_every=0,
-                eval_prompts=256, sample_batch_size=256, adam_eps=1e-8, trainable="head",
+                eval_prompts=256, sample_batch_size=256, adam_eps=1e-8, trainable="head", reward="bow",
                 # PPO trains the output head only, as DPO does; the value head (a new linear head, its own lr 1e-2:
                 # at the policy's lr it fits the returns too slowly to be a baseline) and the reward model train
                 # regardless: the reward model all weights, because its scalar head alone on the frozen SFT model
@@ -90,6 +91,7 @@ for _preset in ("gpu", "cpu"):
 METHODS = ("dpo", "dpo-pl", "preferred-ft", "unlikelihood", "ppo-gt", "ppo", "best-of-n", "best-of-n-rm",
            "online-dpo-gt", "online-dpo-rm")
 ONLINE = {"online-dpo-gt": "Online DPO (r*)", "online-dpo-rm": "Online DPO (RM)"}  # stage -> method of its rows
+RM_METHODS = ("PPO", "Best-of-N (RM)", "Online DPO (RM)")  # the methods that climb the learned reward model
 for _preset in IMDB_PRESETS.values():
     _preset.setdefault("methods", ",".join(METHODS[:8]))
 # Online DPO's size: a batch of prefixes per iteration, K samples each (K = 2: at most one pair a prefix, as OAIF).
@@ -124,6 +126,8 @@ class ImdbConfig:
                            "the CPU preset, see IMDB_PRESETS)")
     warmup_steps: int = field(None, "linear warm-up steps")
     batch_size: int = field(None, "pairs per step (paper: 64)")
+    dpo_epochs: int = field(1, "passes of DPO over the training pairs (the paper: 1; more: to look for over-optimization "
+                            "of r*); above 1, a checkpoint every quarter epoch")
     micro_batch_size: int = field(None, "pairs per forward/backward")
     eval_every: int = field(None, "evaluate a DPO checkpoint every N steps (0: after a quarter, half, three quarters and "
                             "all of the run)")
@@ -157,9 +161,9 @@ class ImdbConfig:
     best_of_n: str = field(None, "Best-of-N sizes N, comma-separated, from one draw of the largest N samples of pi_SFT per "
                            "evaluation prefix; empty: no Best-of-N")
     classifier_epochs: int = field(None, "epochs of the bag-of-tokens reward classifier")
-    reward: str = field("bow", "ground-truth reward: bow (the project's bag-of-tokens classifier, trained here) or "
-                        "siebert (the paper's siebert/sentiment-roberta-large-english; falls back to bow with a printed "
-                        "note when its weights cannot be loaded), or a local folder")
+    reward: str = field(None, "ground-truth reward: bow (the project's bag-of-tokens classifier, trained here; the CPU "
+                        "preset's) or siebert (the paper's siebert/sentiment-roberta-large-english, the GPU preset's; "
+                        "falls back to bow with a printed note when its weights cannot be loaded), or a local folder")
     max_reviews: int = field(None, "use only this many reviews per split (0 = all 25,000)")
     imdb: str = field(None, "IMDb archive or extracted folder (default: $DPO_IMDB, else download)")
     device: str = field("auto", "cuda, mps or cpu (auto: the first available)")
@@ -255,7 +259,7 @@ def check_flags(cfg, TrainConfig):
     chosen_methods(cfg)
     at_least = {1: ("n_samples", "max_new_tokens", "sft_batch_size", "batch_size", "micro_batch_size", "eval_prompts",
                     "sample_batch_size", "rm_epochs", "ppo_batch_size", "ppo_minibatch_size", "ppo_epochs",
-                    "classifier_epochs", "n_prefixes", "online_iterations", "online_prefixes"),
+                    "classifier_epochs", "n_prefixes", "online_iterations", "online_prefixes", "dpo_epochs"),
                 2: ("online_samples",),
                 0: ("sft_tokens", "eval_every", "warmup_steps", "ppo_iterations", "max_reviews")}
     for low, names in at_least.items():
@@ -343,6 +347,8 @@ def run(cfg, train, TrainConfig, log=print, train_rankings=None, online_dpo=None
 
     train_reviews, test_reviews = read_reviews(cfg)
     stage("read IMDb")
+    print_plan(cfg, stages, train_reviews, device, log)  # the plan and its estimated time, before the first stage
+    stage("plan")
     sft_dir, sft_model = sft_stage(cfg, stages, train_reviews, device, log)
     stage("SFT")
     classifier, clf_acc = reward_stage(cfg, stages, train_reviews, test_reviews, device, log)
@@ -374,13 +380,14 @@ def run(cfg, train, TrainConfig, log=print, train_rankings=None, online_dpo=None
             runs += online_stage(cfg, stages, name, method, reward_fn, TrainConfig, online_dpo, sft_dir, sft_model,
                                  train_pairs, device, log)
             stage(method)
-    rows = evaluation_stage(cfg, stages, runs, sft_dir, sft_model, classifier, test_reviews, device, log)
+    rows = evaluation_stage(cfg, stages, runs, sft_dir, sft_model, classifier, test_reviews, device, log,
+                            reward_model)
     stage("evaluation")
-    add_labels(cfg, rows)
     if "best-of-n" in stages.plan:
         rows += best_of_n_stage(cfg, stages, sft_model, classifier, reward_model if "best-of-n-rm" in methods else None,
                                 test_reviews, device, log)
         stage("best-of-N")
+    add_labels(cfg, rows, train_pairs)
     if "implicit-samples" in stages.plan:
         implicit_reward_stage(cfg, stages, runs, rows, sft_model, classifier, test_reviews, device, log)
         stage("implicit reward")
@@ -388,7 +395,8 @@ def run(cfg, train, TrainConfig, log=print, train_rankings=None, online_dpo=None
     return rows
 
 
-REPORT_FILES = ("results.csv", "results.json", "frontier.png", "summary.json", "implicit-reward.png")
+REPORT_FILES = ("results.csv", "results.json", "frontier.png", "summary.json", "implicit-reward.png", "labels.png",
+                "overoptimization.png")
 
 
 def plan(cfg, with_rankings, log):
@@ -410,8 +418,9 @@ def plan(cfg, with_rankings, log):
         add("reference", flags("micro_batch_size"), ["sft", "pairs"], ["reference_logps.pt"])
     training = flags("optimizer", "lr", "warmup_steps", "batch_size", "eval_every", "adam_eps", "trainable", "seed")
     for beta in numbers(cfg, "betas") if "dpo" in methods else []:
-        add(f"dpo-beta{beta:g}", {**training, **flags("micro_batch_size"), "beta": beta}, ["sft", "pairs", "reference"],
-            [f"dpo-beta{beta:g}"])
+        epochs = flags("dpo_epochs") if cfg.dpo_epochs != 1 else {}  # (1: the keys runs before the flag had)
+        add(f"dpo-beta{beta:g}", {**training, **flags("micro_batch_size"), **epochs, "beta": beta},
+            ["sft", "pairs", "reference"], [f"dpo-beta{beta:g}"])
     if with_rankings and "dpo-pl" in methods and numbers(cfg, "ranking_betas", empty=True):
         add("reference-rankings", flags("sample_batch_size"), ["sft", "pairs"], ["reference_rankings.pt"])
         for beta in numbers(cfg, "ranking_betas", empty=True):
@@ -448,6 +457,172 @@ def plan(cfg, with_rankings, log):
         add("implicit-samples", {**evaluation, **flags("n_samples")}, ["sft", "classifier"], ["implicit_samples.json"])
     stages.evaluation = evaluation  # what each policy's eval.json is keyed on, with the policy's stage
     return stages
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan, printed before the first stage: each planned stage's size and, where it can, an estimated time
+
+def measure_speed(cfg, device):
+    """The run's own base model on one micro-batch of chosen+rejected rows (2 * micro_batch_size x (8 +
+    max_new_tokens) tokens), each timed after a warm-up pass: a forward+backward training every weight (SFT, the
+    reward model), one training the weights --trainable names (DPO, PPO, online DPO, the baselines) and a forward
+    without gradients (reference log-probs, KL); and one generate call of sample_batch_size rows x max_new_tokens
+    tokens. Returns {"all", "trained", "forward": tokens/s, "generate": seconds per call}; the model is dropped."""
+    if cfg.model.startswith("scratch"):
+        config = sft.scratch_config()
+        if ":" in cfg.model:
+            n_layer, n_head, n_embd = (int(v) for v in cfg.model.partition(":")[2].split(","))
+            config = dataclasses.replace(config, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        model = GPT(config).to(device)
+    else:
+        model = from_pretrained(cfg.model, device=device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    T = min(8 + cfg.max_new_tokens, model.config.block_size)
+    x = torch.randint(0, 50000, (2 * cfg.micro_batch_size, T), generator=g).to(device)  # (2B, T)
+
+    def tokens_per_s(backward):
+        for _ in range(2):  # the first pass warms up (allocations, kernels); the second is timed
+            _sync(device)
+            t0 = time.time()
+            with torch.set_grad_enabled(backward):
+                loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
+            if backward:
+                loss.backward()
+            _sync(device)
+            seconds = time.time() - t0
+        model.zero_grad(set_to_none=True)
+        return x[:, :-1].numel() / seconds
+    speed = {"all": tokens_per_s(True), "forward": tokens_per_s(False)}
+    if cfg.trainable == "head":
+        train_only_head(model)
+    speed["trained"] = tokens_per_s(True) if cfg.trainable == "head" else speed["all"]
+    prompts = torch.randint(0, 50000, (cfg.sample_batch_size, 8), generator=g).tolist()
+    model.eval()
+    t0 = time.time()
+    with torch.no_grad():
+        model.generate(prompts, cfg.max_new_tokens, eos_id=-1, generator=torch.Generator(device).manual_seed(0))
+    _sync(device)
+    return {**speed, "generate": time.time() - t0}
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def plan_lines(cfg, stages, train_reviews, speed=None):
+    """The plan: (stage, what it runs, estimated seconds or None) for each planned stage, in order. speed: (training
+    tokens/s, seconds per generate call) from measure_speed, or None (no estimates). Counts of pairs are upper bounds
+    (a tie between two samples makes no pair); a stage already done is listed as cached, its estimate 0."""
+    speed = speed or {}
+    T = 8 + cfg.max_new_tokens                                   # a prefix (2-8 tokens) and its completion
+
+    def rate(kind):  # seconds for a number of tokens (or, "generate", of samples), None without a measurement
+        if kind not in speed:
+            return lambda n: None
+        if kind == "generate":
+            return lambda n: math.ceil(n / cfg.sample_batch_size) * speed[kind]
+        return lambda n: n / speed[kind]
+    all_s, train_s, fwd_s, gen = rate("all"), rate("trained"), rate("forward"), rate("generate")
+    add = lambda *xs: None if None in xs else sum(xs)            # noqa: E731
+    per_prefix = cfg.n_samples * (cfg.n_samples - 1) // 2
+    train_prefixes = cfg.n_prefixes - len(held_out_groups(range(cfg.n_prefixes)))
+    train_pairs = train_prefixes * per_prefix                    # at most
+    dpo_steps = train_pairs // cfg.batch_size
+    seq_len = 128                                                # sft_stage: min(128, block_size)
+    sft_tokens = cfg.sft_tokens or sum(len(r["text"]) for r in train_reviews) // 4  # 0: one epoch (~4 chars a token)
+    sft_steps = max(1, sft_tokens // (cfg.sft_batch_size * seq_len))
+    lines = []
+    checkpoints = 1  # policies to evaluate (SFT first)
+    for name in stages.plan:
+        if name == "sft":
+            what, est = (f"{sft_steps:,} steps of {cfg.sft_batch_size} x {seq_len} tokens"
+                         f"{'' if cfg.sft_tokens else ' (one epoch, ~4 characters a token)'}"), \
+                all_s(sft_steps * cfg.sft_batch_size * seq_len)
+        elif name == "classifier":
+            what, est = (f"the bag-of-tokens r*, {cfg.classifier_epochs} epoch(s)" if cfg.reward == "bow" else
+                         f"r* = {cfg.reward} (RoBERTa; the bag-of-tokens classifier if it cannot be loaded)"), None
+        elif name == "pairs":
+            n = cfg.n_prefixes * cfg.n_samples
+            what, est = (f"{cfg.n_prefixes:,} prefixes x {cfg.n_samples} samples = {n:,} samples, <= "
+                         f"{train_pairs:,} training pairs"), gen(n)
+        elif name == "reference":
+            what, est = f"log-probs of <= {cfg.n_prefixes * per_prefix:,} pairs", fwd_s(2 * cfg.n_prefixes * per_prefix * T)
+        elif name.startswith("dpo-pl-beta"):
+            per_step = max(1, cfg.batch_size // per_prefix)
+            steps = train_prefixes // per_step
+            what, est = f"<= {steps:,} steps of {per_step} rankings of {cfg.n_samples}", \
+                train_s(steps * per_step * cfg.n_samples * T)
+            checkpoints += 4
+        elif name.startswith("dpo-beta"):
+            steps = cfg.dpo_epochs * dpo_steps
+            what, est = (f"<= {steps:,} steps of {cfg.batch_size} pairs ({cfg.dpo_epochs} epoch"
+                         f"{'s' if cfg.dpo_epochs > 1 else ''})"), train_s(steps * cfg.batch_size * 2 * T)
+            checkpoints += 4 * cfg.dpo_epochs if not cfg.eval_every else math.ceil(steps / cfg.eval_every)
+        elif name == "reference-rankings":
+            what, est = f"log-probs of <= {train_prefixes * cfg.n_samples:,} samples", \
+                fwd_s(train_prefixes * cfg.n_samples * T)
+        elif name.startswith(("preferred-ft", "unlikelihood")):
+            what, est = f"<= {dpo_steps:,} steps of {cfg.batch_size} pairs", train_s(dpo_steps * cfg.batch_size * 2 * T)
+            checkpoints += 4 if not cfg.eval_every else math.ceil(dpo_steps / cfg.eval_every)
+        elif name == "reward_model":
+            batches = cfg.rm_epochs * math.ceil(train_pairs / cfg.micro_batch_size)
+            what, est = (f"<= {batches:,} batches of {cfg.micro_batch_size} pairs ({cfg.rm_epochs} epoch"
+                         f"{'s' if cfg.rm_epochs > 1 else ''})"), all_s(batches * cfg.micro_batch_size * 2 * T)
+        elif name in ("ppo", "ppo-gt"):
+            n = cfg.ppo_iterations * cfg.ppo_batch_size
+            what = f"{cfg.ppo_iterations:,} iterations x {cfg.ppo_batch_size:,} rollouts = {n:,} rollouts"
+            est = add(cfg.ppo_iterations * (gen(cfg.ppo_batch_size) or 0) if speed else None,
+                      train_s(n * cfg.ppo_epochs * T), fwd_s(2 * n * T))
+            checkpoints += 4
+        elif name in ONLINE:
+            n = cfg.online_iterations * cfg.online_prefixes * cfg.online_samples
+            pairs = cfg.online_iterations * cfg.online_prefixes * cfg.online_samples * (cfg.online_samples - 1) // 2
+            what = (f"{cfg.online_iterations:,} iterations x {cfg.online_prefixes} prefixes x K = {cfg.online_samples}"
+                    f": {n:,} samples and reward calls, <= {pairs:,} pairs")
+            est = add(cfg.online_iterations * (gen(cfg.online_prefixes * cfg.online_samples) or 0) if speed else None,
+                      train_s(2 * pairs * T), fwd_s(2 * pairs * T))
+            checkpoints += 4
+        elif name == "best-of-n":
+            n = max(numbers(cfg, "best_of_n", kind=int, low=1, strict=False, empty=True))
+            what, est = f"{cfg.eval_prompts:,} test prefixes x {n} samples = {n * cfg.eval_prompts:,}", \
+                gen(n * cfg.eval_prompts)
+        elif name == "implicit-samples":
+            n = cfg.eval_prompts * cfg.n_samples
+            what, est = f"{cfg.eval_prompts:,} test prefixes x {cfg.n_samples} samples = {n:,}", gen(n)
+        else:
+            what, est = "", None
+        lines.append((name, what, 0.0 if stages.done(name) else est))  # noqa: E501
+    evaluation = checkpoints * cfg.eval_prompts
+    lines.append(("evaluation", f"{checkpoints} policies (<=; SFT and each saved checkpoint) x {cfg.eval_prompts:,} "
+                  f"test prefixes = {evaluation:,} samples", add(checkpoints * (gen(cfg.eval_prompts) or 0)
+                                                                 if speed else None, fwd_s(2 * evaluation * T))))
+    return lines
+
+
+def print_plan(cfg, stages, train_reviews, device, log):
+    """Prints the plan (plan_lines) before the first stage, with time estimates from one measurement
+    (measure_speed): a rough figure, labelled so; it changes no stage's key or result."""
+    t0 = time.time()
+    cuda = list(range(torch.cuda.device_count())) if str(device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=cuda):  # its initialisation and dropout leave the global RNG as they found it
+        speed = measure_speed(cfg, device)
+    log(f"plan ({cfg.preset} preset, {device}); estimate = extrapolated from one micro-batch of the model "
+        f"(forward+backward {speed['all']:,.0f} tokens/s, {cfg.trainable} weights trained {speed['trained']:,.0f}, "
+        f"forward {speed['forward']:,.0f}) and one generate call of {cfg.sample_batch_size} x {cfg.max_new_tokens} "
+        f"tokens ({speed['generate']:.2f} s), measured in {time.time() - t0:.1f} s with the machine as loaded now; rough: "
+        f"the trainers' fast paths and the reward calls are not counted):")
+    total = 0.0
+    for name, what, est in plan_lines(cfg, stages, train_reviews, speed):
+        when = "cached" if name in stages.plan and stages.done(name) else ("not estimated" if est is None else f"estimate {_hms(est)}")
+        log(f"  {name:<22} {what:<84} {when}")
+        total += est or 0
+    log(f"  {'total':<22} {'':<84} estimate {_hms(total)}")
+
+
+def _hms(seconds):
+    seconds = round(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def imdb_identity(cfg):
@@ -586,11 +761,11 @@ def reference_stage(cfg, stages, sft_model, train_pairs, eval_pairs, device):
         "eval": reference_logps(sft_model, eval_pairs, cfg.micro_batch_size, device)})
 
 
-def dpo_config(cfg, TrainConfig, beta, sft_dir, out, every, device, resume=False):
+def dpo_config(cfg, TrainConfig, beta, sft_dir, out, every, device, resume=False, epochs=1):
     """The TrainConfig of one DPO run of the sweep (also checked before the first stage: check_flags)."""
     return TrainConfig(task="imdb", model=sft_dir, out=out, beta=beta, optimizer=cfg.optimizer, lr=cfg.lr,
                        warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
-                       epochs=1, eval_every=every, save_every=every, keep_checkpoints=True, resume=resume,
+                       epochs=epochs, eval_every=every, save_every=every, keep_checkpoints=True, resume=resume,
                        device=device, seed=cfg.seed, max_length=1024, max_prompt_length=16, adam_eps=cfg.adam_eps,
                        trainable=cfg.trainable)
 
@@ -600,8 +775,9 @@ def dpo_stage(cfg, stages, train, TrainConfig, sft_dir, train_pairs, eval_pairs,
     kept along training (out/dpo-beta{beta}/step-N); an interrupted run continues with the trainer's --resume.
     Returns (method, key, beta, folder, step) per checkpoint."""
     runs = []  # (method, label key, value, checkpoint folder, step)
-    steps_per_run = len(train_pairs) // cfg.batch_size
-    every = _checkpoint_every(steps_per_run, cfg.eval_every)
+    steps_per_epoch = len(train_pairs) // cfg.batch_size
+    steps_per_run = cfg.dpo_epochs * steps_per_epoch
+    every = _checkpoint_every(steps_per_epoch, cfg.eval_every)  # 4 per epoch, or --eval-every
     for beta in numbers(cfg, "betas"):
         name = f"dpo-beta{beta:g}"
         out = os.path.join(cfg.out, name)
@@ -609,8 +785,10 @@ def dpo_stage(cfg, stages, train, TrainConfig, sft_dir, train_pairs, eval_pairs,
             stages.begin(name)
             resume = os.path.exists(os.path.join(out, "checkpoint", "train_state.pt"))
             saved = max((s for *_, s in _checkpoints("DPO", "beta", beta, out)), default=0) if resume else 0
-            log(f"DPO beta {beta:g}: {steps_per_run} steps{f' (resuming after step {saved})' if resume else ''}")
-            train(dpo_config(cfg, TrainConfig, beta, sft_dir, out, every, device, resume), train_pairs, eval_pairs,
+            log(f"DPO beta {beta:g}: {steps_per_run} steps{f' ({cfg.dpo_epochs} epochs)' if cfg.dpo_epochs > 1 else ''}"
+                f"{f' (resuming after step {saved})' if resume else ''}")
+            train(dpo_config(cfg, TrainConfig, beta, sft_dir, out, every, device, resume, cfg.dpo_epochs), train_pairs,
+                  eval_pairs,
                   ref_lp=ref_lp, log=lambda s: None)
             stages.finish(name)
         runs += _checkpoints("DPO", "beta", beta, out)
@@ -815,9 +993,23 @@ def online_stage(cfg, stages, name, method, reward_fn, TrainConfig, online_dpo, 
     return _checkpoints(method, "beta", beta, out)
 
 
-def add_labels(cfg, rows):
-    """The labels each online DPO checkpoint consumed to reach it (history.jsonl): labels (labelled pairs) and
-    reward_calls, added to its rows."""
+def add_labels(cfg, rows, train_pairs):
+    """The labels each checkpoint consumed to reach it, added to its row: reward_calls (calls of the reward that
+    labels: r* or the learned reward model) and, for the DPO methods, labels (labelled pairs).
+      DPO: the training pairs its steps have seen (step x batch, at most all of them) and the reward calls behind
+        them (n_samples per prefix, pro rata: labels x n_samples x training prefixes / training pairs)
+      PPO, PPO-GT: one reward call per rollout, step x ppo_batch_size
+      Best-of-N, Best-of-N (RM): N per evaluation prefix, N x n
+      Online DPO: counted by the run (history.jsonl): reward calls and labelled pairs"""
+    prefixes = len({p["group"] for p in train_pairs})
+    for row in rows:
+        if row["method"] == "DPO":
+            row["labels"] = min(row["step"] * cfg.batch_size, len(train_pairs))
+            row["reward_calls"] = round(row["labels"] * cfg.n_samples * prefixes / len(train_pairs))
+        elif row["method"] in ("PPO", "PPO-GT"):
+            row["reward_calls"] = row["step"] * cfg.ppo_batch_size
+        elif row["method"] in ("Best-of-N", "Best-of-N (RM)"):
+            row["reward_calls"] = row["best_of"] * row["n"]
     for name, method in ONLINE.items():
         path = os.path.join(cfg.out, name, "history.jsonl")
         if not os.path.exists(path):
@@ -829,12 +1021,15 @@ def add_labels(cfg, rows):
                 row["reward_calls"] = history[row["step"]]["reward_calls_total"]
 
 
-def best_of_n_rows(method, true_rewards, selection_scores, sizes, prompts=None, completions=None, n_show=3):
+def best_of_n_rows(method, true_rewards, selection_scores, sizes, prompts=None, completions=None, n_show=3,
+                   proxy_scores=None):
     """Best-of-N rows from one draw: true_rewards and selection_scores (P, M), the r* and the selecting score of
     M samples of each of P prefixes. For each N in sizes, each prefix keeps the best of its FIRST N samples by
     selection_scores (ppo.best_of_n); the row's reward is the mean r* of the kept samples (± its standard error),
     its KL ppo.best_of_n_kl(N) = log N - (N - 1)/N, an analytic upper bound (kl_estimate says so; kl_se 0).
-    With prompts (P token lists) and completions (P * M, prefix-major), the row shows the first n_show kept."""
+    With prompts (P token lists) and completions (P * M, prefix-major), the row shows the first n_show kept.
+    With proxy_scores (P, M), the learned reward model's scores, the row gets their mean over the kept samples
+    as rm_score (± rm_score_se)."""
     true_rewards = torch.as_tensor(true_rewards, dtype=torch.float64)
     selection_scores = torch.as_tensor(selection_scores, dtype=torch.float64)
     rows = []
@@ -845,6 +1040,9 @@ def best_of_n_rows(method, true_rewards, selection_scores, sizes, prompts=None, 
         row = {"method": method, "best_of": n, "step": 0, "reward": reward, "reward_se": reward_se,
                "kl": ppo.best_of_n_kl(n), "kl_se": 0.0, "kl_estimate": "upper bound log N - (N-1)/N",
                "n": len(kept)}
+        if proxy_scores is not None:
+            proxy = torch.as_tensor(proxy_scores, dtype=torch.float64).gather(1, best[:, None])[:, 0]  # (P,)
+            row["rm_score"], row["rm_score_se"] = ev.mean_se(proxy)
         if prompts is not None:
             m = true_rewards.size(1)
             row["samples"] = [{"prompt": decode([t for t in prompts[i] if t != EOS]),
@@ -880,27 +1078,51 @@ def best_of_n_stage(cfg, stages, sft_model, classifier, reward_model, test_revie
         rows += best_of_n_rows("Best-of-N", true, true, sizes, prompts, samples["completions"])
     if "best-of-n-rm" in methods:
         rm = torch.tensor(samples["rm_scores"]).view(len(prompts), m)                      # (P, M)
-        rows += best_of_n_rows("Best-of-N (RM)", true, rm, sizes, prompts, samples["completions"])
+        rows += best_of_n_rows("Best-of-N (RM)", true, rm, sizes, prompts, samples["completions"], proxy_scores=rm)
     return rows
 
 
-def evaluation_stage(cfg, stages, runs, sft_dir, sft_model, classifier, test_reviews, device, log):
+class ProxyScored:
+    """r*, as ev.evaluate asks for it (score(token lists) -> (N,)), that also keeps the learned reward model's
+    scores of the same sequences in rm_scores: the proxy reward beside the true one of one policy's samples."""
+
+    def __init__(self, classifier, reward_model, batch_size):
+        self.classifier, self.reward_model, self.batch_size = classifier, reward_model, batch_size
+        self.rm_scores = None
+
+    def score(self, token_lists):
+        self.rm_scores = self.reward_model.score(token_lists, self.batch_size)  # (N,)
+        return self.classifier.score(token_lists)                               # (N,)
+
+
+def evaluation_stage(cfg, stages, runs, sft_dir, sft_model, classifier, test_reviews, device, log, reward_model=None):
     """5. Evaluation on prefixes of IMDb test reviews: mean r* and KL(pi || pi_SFT) of each policy's own
     samples (one each), cached per policy in its folder's eval.json, keyed on the evaluation's flags and the
-    policy's stage. Returns the rows, SFT first."""
+    policy's stage. With reward_model, the rows of the methods that climb it (RM_METHODS) and SFT's also get
+    rm_score (± rm_score_se): its mean score of the same samples (the over-optimization figure; their eval.json
+    keyed on it too; the r* and KL of every row are those of the same samples as without it). Returns the rows,
+    SFT first."""
     eval_prompts = ev.imdb_prompts(test_reviews, cfg.eval_prompts, generator=torch.Generator().manual_seed(cfg.seed + 1))
 
-    def evaluate(policy):
-        return ev.evaluate(policy, sft_model, classifier, eval_prompts, 1, cfg.max_new_tokens,
-                           torch.Generator(device).manual_seed(cfg.seed + 2), cfg.sample_batch_size)
+    def evaluate(policy, proxy):
+        scorer = ProxyScored(classifier, reward_model, cfg.sample_batch_size) if proxy else classifier
+        result = ev.evaluate(policy, sft_model, scorer, eval_prompts, 1, cfg.max_new_tokens,
+                             torch.Generator(device).manual_seed(cfg.seed + 2), cfg.sample_batch_size)
+        if proxy:
+            result["rm_score"], result["rm_score_se"] = ev.mean_se(scorer.rm_scores)
+        return result
 
-    def cached(folder, stage, compute, what):
-        inputs = {"policy": stages.key(stage), "sft": stages.key("sft"), "classifier": stages.key("classifier")}
-        return keyed_json(os.path.join(folder, "eval.json"), stages.evaluation, inputs, compute, what, log)
-    rows = [{"method": "SFT", **cached(sft_dir, "sft", lambda: evaluate(sft_model), "SFT eval"), "step": 0}]
+    def cached(folder, stage, compute, what, proxy):
+        inputs = {"policy": stages.key(stage), "sft": stages.key("sft"), "classifier": stages.key("classifier"),
+                  **({"reward_model": stages.key("reward_model")} if proxy else {})}
+        return keyed_json(os.path.join(folder, "eval.json"), stages.evaluation, inputs, lambda: compute(proxy), what,
+                          log)
+    proxied = reward_model is not None and any(m in RM_METHODS for m, *_ in runs)
+    rows = [{"method": "SFT", **cached(sft_dir, "sft", lambda proxy: evaluate(sft_model, proxy), "SFT eval", proxied),
+             "step": 0}]
     for method, key, value, folder, step in runs:
-        res = cached(folder, _stage_of(folder), lambda: evaluate(from_pretrained(folder, device=device)),
-                     f"{method} eval")
+        res = cached(folder, _stage_of(folder), lambda proxy: evaluate(from_pretrained(folder, device=device), proxy),
+                     f"{method} eval", reward_model is not None and method in RM_METHODS)
         rows.append({"method": method, **({key: value} if key else {}), "step": step, **res})
     return rows
 
@@ -982,13 +1204,18 @@ def report(cfg, rows, clf_acc, rm_acc, times, t_start, log):
     accuracy of the reward model beside DPO's, and one sample per method printed."""
     ev.write_table(rows, os.path.join(cfg.out, "results.csv"), os.path.join(cfg.out, "results.json"))
     ev.plot_frontier(rows, os.path.join(cfg.out, "frontier.png"))
+    if any(r["method"] in ONLINE.values() for r in rows):  # reward against the labels each method consumed
+        ev.plot_reward_vs_labels(rows, os.path.join(cfg.out, "labels.png"))
+    if any("rm_score" in r for r in rows if r["method"] != "SFT"):  # the proxy and the true reward along KL
+        ev.plot_overoptimization(rows, os.path.join(cfg.out, "overoptimization.png"))
     total = time.time() - t_start
     log("")
     log(f"{'method':<15}{'beta/alpha/N':>13}{'step':>6}{'reward':>15}{'KL (nats)':>16}")
     for r in rows:
         label = r.get("beta", r.get("alpha", r.get("best_of", "")))
         kl = f"{r['kl']:>9.2f} ± {r['kl_se']:.2f}" if "kl_estimate" not in r else f"{r['kl']:>9.2f} (bound)"
-        log(f"{r['method']:<15}{label!s:>13}{r['step']:>6}{r['reward']:>9.3f} ± {r['reward_se']:.3f}{kl}")
+        rm = f"   RM score {r['rm_score']:.3f} ± {r['rm_score_se']:.3f}" if "rm_score" in r else ""
+        log(f"{r['method']:<15}{label!s:>13}{r['step']:>6}{r['reward']:>9.3f} ± {r['reward_se']:.3f}{kl}{rm}")
     log(f"reward classifier test accuracy {100 * clf_acc['test_accuracy']:.1f}% | " +
         " | ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f" | total {total:.0f} s")
     for r in rows:

@@ -152,7 +152,7 @@ def test_micro_pipeline_produces_every_artefact(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not os.path.exists(IMDB), reason=f"IMDb archive not found at {IMDB} (set DPO_IMDB)")
-def test_gpu_preset_at_tiny_scale(tmp_path):
+def test_gpu_preset_at_tiny_scale(tmp_path, capsys):
     """The GPU preset's code path, which no card here runs: a base model loaded from a Hugging Face GPT-2 folder
     (a random 1-block one), every weight trained (RMSprop, warm-up 150, the reward model too), evaluation every
     --eval-every steps, and PPO as TRL's gpt2-sentiment: one lr for policy and value head, lambda 0.95, the KL
@@ -171,6 +171,9 @@ def test_gpu_preset_at_tiny_scale(tmp_path):
     assert dpo.main(args) == 0
     summary = json.load(open(out / "summary.json"))
     assert summary["config"]["optimizer"] == "rmsprop" and summary["config"]["trainable"] == "all"
+    # r* is the paper's classifier by default; offline here, its weights cannot be loaded: the printed fallback
+    assert summary["config"]["reward"] == "siebert"
+    assert "reward classifier: cannot load siebert (" in capsys.readouterr().out
     rows = json.load(open(out / "results.json"))
     steps = [r["step"] for r in rows if r["method"] == "DPO"]
     assert len(steps) >= 3 and steps[:-1] == list(range(4, steps[-1], 4))  # every 4 steps, and the last

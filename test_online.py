@@ -5,6 +5,7 @@ run trains and evaluates; the stages no chosen method needs are not planned) and
     python -m pytest -q test_online.py
 """
 import json
+import math
 import os
 
 import pytest
@@ -279,13 +280,61 @@ def test_planned_online_stages_and_their_inputs():
         planned(methods=",".join(m for m in imdb.METHODS if not m.startswith("online")))
 
 
+def test_the_plan_leaves_the_global_random_state_as_it_found_it():
+    """print_plan builds and runs a model (its initialisation and dropout draw from torch's global generator); the
+    stages after it must draw what they drew without it."""
+    cfg = imdb.ImdbConfig(preset="tiny", out="unused", imdb=IMDB, methods="dpo", device="cpu").resolved()
+    printed = []
+    torch.manual_seed(5)
+    state = torch.get_rng_state().clone()
+    imdb.print_plan(cfg, imdb.plan(cfg, True, log=lambda s: None), [{"text": "x" * 400}], "cpu", printed.append)
+    assert torch.equal(state, torch.get_rng_state())
+    assert printed[0].startswith("plan (tiny preset") and printed[-1].split()[:2] == ["total", "estimate"]
+
+
+def test_dpo_epochs_keys_the_dpo_stages_only_when_above_one():
+    def keys(**changes):
+        cfg = imdb.ImdbConfig(preset="tiny", out="unused", imdb=IMDB, methods="dpo,ppo-gt", **changes).resolved()
+        return {n: s.key for n, s in imdb.plan(cfg, True, log=lambda s: None).plan.items()}
+    one, four = keys(), keys(dpo_epochs=4)
+    assert one == keys(dpo_epochs=1)  # the default: the keys of runs made before the flag existed
+    assert {n for n in one if one[n] != four[n]} == {"dpo-beta0.1"}
+    cfg = imdb.ImdbConfig(preset="tiny", out="unused", imdb=IMDB, methods="dpo", dpo_epochs=4).resolved()
+    lines = dict((name, what) for name, what, _ in imdb.plan_lines(cfg, imdb.plan(cfg, True, log=lambda s: None),
+                                                                     [{"text": "x" * 400}]))
+    assert lines["dpo-beta0.1"] == "<= 44 steps of 12 pairs (4 epochs)"  # 4 x (138 // 12), as dpo.py counts
+    assert lines["evaluation"].startswith("17 policies")  # SFT + a checkpoint every quarter epoch
+
+
 @needs_imdb
 def test_a_tiny_run_of_online_dpo_by_r_star_and_by_the_reward_model(tmp_path):
     """Every online stage at micro scale: 4 iterations of 6 prefixes x 2 samples, checkpoints after each, each row
-    with the labels consumed to reach it (running totals of history.jsonl: 12 reward calls an iteration)."""
+    with the labels consumed to reach it (running totals of history.jsonl: 12 reward calls an iteration); beside
+    them DPO, PPO and Best-of-N (RM), for the plan printed before the first stage, the labels of every method
+    and the over-optimization figure (the reward model's score of the samples of each method that climbs it)."""
     out = tmp_path / "run"
-    cfg = imdb.ImdbConfig(preset="tiny", out=str(out), imdb=IMDB, device="cpu", methods="online-dpo-gt,online-dpo-rm")
-    rows = imdb.run(cfg, dpo.train, dpo.TrainConfig, log=lambda s: None, online_dpo=(dpo.dpo_loss, dpo.make_optimizer))
+    cfg = imdb.ImdbConfig(preset="tiny", out=str(out), imdb=IMDB, device="cpu",
+                          methods="online-dpo-gt,online-dpo-rm,dpo,ppo,best-of-n-rm")
+    printed = []
+    rows = imdb.run(cfg, dpo.train, dpo.TrainConfig, log=printed.append, online_dpo=(dpo.dpo_loss, dpo.make_optimizer))
+    # the plan, before the first stage, by hand for the tiny preset: 8,000 SFT tokens // (16 x 128) = 3 steps;
+    # 24 prefixes x 4 samples = 96, prefix 19 held out: 23 x 6 = 138 training pairs at most, // 12 = 11 DPO steps,
+    # 138 / 6 = 23 reward-model batches; PPO 4 x 8 = 32 rollouts; online 4 x 6 x 2 = 48 samples, <= 24 pairs;
+    # Best-of-N 8 test prefixes x 4; evaluation: SFT + 4 checkpoints of each of 4 runs = 17 policies x 8 prefixes
+    plan = printed[next(i for i, line in enumerate(printed) if line.startswith("plan (tiny preset")):]
+    first_stage = next(i for i, line in enumerate(printed) if line.startswith("SFT: "))
+    assert printed.index(plan[0]) < first_stage and "estimate = extrapolated" in plan[0]
+    lines = {line.split()[0]: line for line in plan[1:plan.index(next(ln for ln in plan if ln.startswith("  total")))+1]}
+    assert "3 steps of 16 x 128 tokens" in lines["sft"]
+    assert "24 prefixes x 4 samples = 96 samples, <= 138 training pairs" in lines["pairs"]
+    assert "<= 11 steps of 12 pairs (1 epoch)" in lines["dpo-beta0.1"]
+    assert "<= 23 batches of 6 pairs (1 epoch)" in lines["reward_model"]
+    assert "4 iterations x 8 rollouts = 32 rollouts" in lines["ppo"]
+    assert "4 iterations x 6 prefixes x K = 2: 48 samples and reward calls, <= 24 pairs" in lines["online-dpo-gt"]
+    assert "8 test prefixes x 4 samples = 32" in lines["best-of-n"]
+    assert "17 policies" in lines["evaluation"] and "x 8 test prefixes = 136 samples" in lines["evaluation"]
+    assert all("estimate " in lines[s] for s in ("sft", "pairs", "dpo-beta0.1", "ppo", "online-dpo-rm", "evaluation"))
+    assert lines["total"].split()[-2] == "estimate"
     for method, name in (("Online DPO (r*)", "online-dpo-gt"), ("Online DPO (RM)", "online-dpo-rm")):
         mine = [r for r in rows if r["method"] == method]
         history = [json.loads(line) for line in open(out / name / "history.jsonl")]
@@ -293,5 +342,31 @@ def test_a_tiny_run_of_online_dpo_by_r_star_and_by_the_reward_model(tmp_path):
         assert [r["reward_calls"] for r in mine] == [12, 24, 36, 48]
         assert [r["labels"] for r in mine] == [h["pairs_total"] for h in history]
         assert all(h["pairs"] <= 6 for h in history) and all(r["beta"] == 0.1 for r in mine)
-    assert {r["method"] for r in rows} == {"SFT", "Online DPO (r*)", "Online DPO (RM)"}
+    assert {r["method"] for r in rows} == {"SFT", "Online DPO (r*)", "Online DPO (RM)", "DPO", "PPO", "Best-of-N (RM)"}
     assert "labels" in open(out / "results.csv").readline()
+    # labels by hand: DPO step s has seen 12 s pairs (all at the last step), PPO step s 8 s rollouts, Best-of-N N x 8
+    pairs = [json.loads(line) for line in open(out / "pairs.jsonl")]
+    n_train = sum(p["group"] != 19 for p in pairs)
+    for r in rows:
+        if r["method"] == "DPO":
+            assert r["labels"] == min(12 * r["step"], n_train)
+            assert r["reward_calls"] == round(r["labels"] * 4 * 23 / n_train)
+    assert [r["reward_calls"] for r in rows if r["method"] == "PPO"] == [8, 16, 24, 32]
+    assert [r["reward_calls"] for r in rows if r["method"] == "Best-of-N (RM)"] == [16, 32]
+    # the proxy beside r*: the reward model's score of the same samples, for SFT and each method that climbs it
+    for r in rows:
+        assert ("rm_score" in r) == (r["method"] in ("SFT", "PPO", "Best-of-N (RM)", "Online DPO (RM)")), r["method"]
+        if "rm_score" in r:
+            assert math.isfinite(r["rm_score"]) and math.isfinite(r["rm_score_se"]) and r["rm_score_se"] > 0
+    header = open(out / "results.csv").readline().strip().split(",")
+    assert {"rm_score", "rm_score_se", "reward_calls", "labels"} <= set(header)
+    for png in ("labels.png", "overoptimization.png", "frontier.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    # the same run without the reward model's scores gives the same r* and KL (the samples are the same)
+    sft = json.load(open(out / "sft" / "eval.json"))["result"]
+    plain = imdb.ev.evaluate(imdb.from_pretrained(str(out / "sft")), imdb.from_pretrained(str(out / "sft")),
+                             imdb.ev.BowClassifier.load(str(out / "classifier.pt")),
+                             imdb.ev.imdb_prompts(imdb.read_reviews(cfg.resolved())[1], 8,
+                                                  generator=torch.Generator().manual_seed(1)),
+                             1, 6, torch.Generator().manual_seed(2), 256)
+    assert plain["reward"] == sft["reward"] and plain["kl"] == sft["kl"] == 0
