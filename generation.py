@@ -481,6 +481,7 @@ def supervised(cfg, stages, name, start, prompts, completions, device, log):
 
     def compute():
         model = from_pretrained(start, dtype=dtype_of(cfg), device=device)
+        model.grad_checkpoint = cfg.grad_checkpoint  # GPT.forward keeps each block's input only: GPT-J-6B's SFT
         steps = cfg.sft_epochs * math.ceil(len(prompts) / cfg.sft_batch_size)
         log(f"{name}: {steps} steps of {cfg.sft_batch_size} sequences")
         sft.train_sequences(model, prompts, completions, steps=steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
