@@ -56,7 +56,7 @@ from data import InputError, read_hh, tokenize_pair
 from machinery import corpora
 from machinery.hf import from_pretrained, load_model, save_pretrained
 from machinery.hub import hh_path, tldr_comparisons_paths, tldr_path
-from machinery.integrity import atomic_write, write_json
+from machinery.integrity import atomic_write, save_torch, write_json
 from machinery.runtime import TrainingError
 from machinery.stages import Checkpoints, Stages
 from machinery.tokenizers import load_tokenizer
@@ -328,7 +328,7 @@ def plan(cfg, methods, log):
                ["data", "sft"], ["dpo"])
     if cfg.task == "tldr":
         stages.add("pft", s("sft_epochs", "sft_lr", "sft_batch_size", *train_flags), ["data", "sft"], ["pft"])
-    stages.add("bon_rm", s("rm_lr", "rm_trainable", *train_flags), ["data", "sft"], ["bon_rm"])
+    stages.add("bon_rm", s("rm_lr", "rm_trainable", *train_flags), ["data", "sft"], ["bon_rm", "bon_rm.run"])
     judge_inputs = []
     if cfg.judge == "rm" and not cfg.judge_model:
         stages.add("judge_rm", s("judge_base", "judge_lr", "judge_trainable", "seed"),
@@ -545,12 +545,16 @@ def bon_rm_stage(cfg, stages, sft_dir, splits, tok, device, log):
 
     def compute():
         trunk = from_pretrained(sft_dir, dtype=dtype_of(cfg), device=device)
+        total = math.ceil(len(splits["policy"]) / cfg.micro_batch_size)  # one epoch of batches
         model, accuracy = ppo.train_reward_model(trunk, tokenized(splits["policy"], tok, cfg),
                                                  train_trunk=cfg.rm_trainable == "all", batch_size=cfg.micro_batch_size,
-                                                 lr=cfg.rm_lr, seed=cfg.seed, log=log)
+                                                 lr=cfg.rm_lr, seed=cfg.seed, log=log,
+                                                 checkpoints=Checkpoints(folder + ".run", math.ceil(total / 4), total,
+                                                                         keep=False, log=log))
         acc = accuracy(tokenized(splits["heldout"], tok, cfg))
         save_pretrained(model.trunk, folder)
-        torch.save(model.head.state_dict(), os.path.join(folder, "head.pt"))
+        save_torch(os.path.join(folder, "head.pt"), model.head.state_dict())
+        shutil.rmtree(folder + ".run", ignore_errors=True)
         write_json(os.path.join(folder, "accuracy.json"), {"heldout_accuracy": acc, "n": len(splits["heldout"])})
         log(f"Best-of-N reward model: held-out accuracy {acc:.3f} on {len(splits['heldout'])} pairs")
     staged(stages, "bon_rm", compute)
