@@ -356,15 +356,6 @@ def slug(method):
     return method.lower().replace(" ", "-")
 
 
-def staged(stages, name, compute):
-    """compute() unless the stage is reused; recorded as running, then done."""
-    if stages.done(name):
-        return
-    stages.begin(name)
-    compute()
-    stages.finish(name)
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 
@@ -424,7 +415,7 @@ def data_stage(cfg, stages, log):
     def compute():
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_json(path, make_splits(cfg, log))
-    staged(stages, "data", compute)
+    stages.run("data", compute)
     with open(path) as f:
         return json.load(f)
 
@@ -445,7 +436,7 @@ def dtype_of(cfg):
 def base_stage(cfg, stages, splits, tok, device, log):
     """--model itself, or a scratch GPT language-modelled on the training text (a base model to prompt, 2-shot)."""
     if not cfg.model.startswith("scratch"):
-        staged(stages, "base", lambda: None)
+        stages.run("base", lambda: None)
         return cfg.model
     folder = os.path.join(cfg.out, "base")
 
@@ -470,7 +461,7 @@ def base_stage(cfg, stages, splits, tok, device, log):
                      checkpoints=Checkpoints(folder + ".run", max(1, steps // 4), steps, keep=False, log=log))
         save_pretrained(model, folder)
         shutil.rmtree(folder + ".run", ignore_errors=True)
-    staged(stages, "base", compute)
+    stages.run("base", compute)
     return folder
 
 
@@ -491,7 +482,7 @@ def supervised(cfg, stages, name, start, prompts, completions, device, log):
         shutil.rmtree(folder + ".run", ignore_errors=True)
     if not stages.resuming(name) and not stages.done(name):
         shutil.rmtree(folder + ".run", ignore_errors=True)
-    staged(stages, name, compute)
+    stages.run(name, compute)
     return folder
 
 
@@ -534,7 +525,7 @@ def dpo_stage(cfg, stages, train, TrainConfig, sft_dir, splits, device, log):
                            grad_checkpoint=cfg.grad_checkpoint, lora_rank=cfg.lora_rank, trainable=cfg.trainable)
         log(f"DPO beta {cfg.beta:g}: {total} steps of {cfg.batch_size} pairs, a checkpoint every {every}")
         train(tcfg, policy, splits["heldout"][:max(cfg.micro_batch_size, 64)], log=lambda s: None)
-    staged(stages, "dpo", compute)
+    stages.run("dpo", compute)
     return sorted(int(d[5:]) for d in os.listdir(out) if d.startswith("step-") and d[5:].isdigit())
 
 
@@ -557,7 +548,7 @@ def bon_rm_stage(cfg, stages, sft_dir, splits, tok, device, log):
         shutil.rmtree(folder + ".run", ignore_errors=True)
         write_json(os.path.join(folder, "accuracy.json"), {"heldout_accuracy": acc, "n": len(splits["heldout"])})
         log(f"Best-of-N reward model: held-out accuracy {acc:.3f} on {len(splits['heldout'])} pairs")
-    staged(stages, "bon_rm", compute)
+    stages.run("bon_rm", compute)
     return folder
 
 
@@ -581,7 +572,7 @@ def judge_rm_stage(cfg, stages, sft_dir, splits, device, log):
         jd.train_rm_judge(gpt2(splits["judge"]), folder, base_model=load_model(base, device, cfg.seed),
                           held_out=gpt2(splits["heldout"]), train_trunk=cfg.judge_trainable == "all", lr=cfg.judge_lr,
                           seed=cfg.seed, device=device, log=log)
-    staged(stages, "judge_rm", compute)
+    stages.run("judge_rm", compute)
     return folder
 
 
@@ -645,7 +636,7 @@ def samples_stage(cfg, stages, method, model_dir, splits, tok, bon_rm, device, l
                 texts = sample_texts(model, tok, prompts, cfg, t, 1, seed, room)[0]
             write_samples(path, items, texts, {"method": method, "temperature": t})
             log(f"samples: {method}, {name}, T {t:g}: {len(texts)} -> {path}")
-    staged(stages, f"samples-{slug(method)}", compute)
+    stages.run(f"samples-{slug(method)}", compute)
     return files
 
 
@@ -665,7 +656,7 @@ def curve_stage(cfg, stages, dpo_steps, splits, tok, device, log):
                                         device=device).requires_grad_(False)
                 texts = sample_texts(model, tok, [it["prompt"] for it in items], cfg, t, 1, cfg.seed + int(1000 * t))[0]
                 write_samples(path, items, texts, {"method": "DPO", "temperature": t, "step": step})
-    staged(stages, "curve", compute)
+    stages.run("curve", compute)
     return files
 
 
@@ -695,7 +686,7 @@ def judge_stage(cfg, stages, method, files, judges, spent, log):
             jd.win_rate(jd.read_samples(path), judges[key[0]], dirs[key], seed=cfg.seed, max_calls=left,
                         log=lambda s: log(f"  {os.path.relpath(path, cfg.out)}: {s}"))
             spent["calls"] += cache_lines(dirs[key]) - before  # the calls made (each is one line of the cache)
-    staged(stages, name, compute)
+    stages.run(name, compute)
     rows = []
     for key, d in dirs.items():
         with open(os.path.join(d, "win_rate.json")) as f:
@@ -720,7 +711,7 @@ def agreement_stage(cfg, stages, splits, judge, spent, log):
     """The judge's agreement with the human labels of the held-out pairs (judge.agreement), with its s.e."""
     folder = os.path.join(cfg.out, "agreement")
     left = None if cfg.max_judge_calls is None else cfg.max_judge_calls - spent["calls"]
-    staged(stages, "agreement", lambda: jd.agreement(splits["heldout"], judge, folder, cfg.seed, left, log))
+    stages.run("agreement", lambda: jd.agreement(splits["heldout"], judge, folder, cfg.seed, left, log))
     with open(os.path.join(folder, "agreement.json")) as f:
         return json.load(f)
 

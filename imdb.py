@@ -831,13 +831,7 @@ def ranking_stage(cfg, stages, train_rankings, TrainConfig, sft_dir, sft_model, 
 
 def _stage_tensor(stages, name, path, compute):
     """The stage `name` whose one output is compute(), stored at path with torch.save, or read back if done."""
-    if stages.done(name):
-        return torch.load(path)
-    stages.begin(name)
-    result = compute()
-    save_torch(path, result)
-    stages.finish(name)
-    return result
+    return _stage_file(stages, name, path, compute, save_torch, torch.load)
 
 
 def baseline_stages(cfg, stages, sft_dir, train_pairs, device, log):
@@ -1185,13 +1179,24 @@ def _stage_json(stages, name, path, compute, log):
     """The stage `name` whose one output is compute()'s JSON at path, or read back if done."""
     if stages.done(name):
         log(f"{name}: cached in {path}")
-        with open(path) as f:
-            return json.load(f)
-    stages.begin(name)
-    result = compute()
-    write_json(path, result)
-    stages.finish(name)
-    return result
+    return _stage_file(stages, name, path, compute, write_json, _read_json)
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _stage_file(stages, name, path, compute, save, load):
+    """load(path) if the stage is done, else compute() saved at path by save(path, result) within the stage."""
+    if stages.done(name):
+        return load(path)
+
+    def make():
+        result = compute()
+        save(path, result)
+        return result
+    return stages.run(name, make)
 
 
 def _plotted_beta(cfg):

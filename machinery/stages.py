@@ -7,7 +7,8 @@ machine. The experiments (imdb.py, generation.py) reach it by three names; a rea
                          downstream. .explain() prints, per stage, reuse / resume / compute / recompute and why, and
                          removes every output that no longer matches (out never holds a mix of settings).
                          .begin(name) records the stage as running, .finish(name) as done with the digests of its
-                         files; out/records/NAME.json holds the record.
+                         files, .run(name, compute) does both around compute(); out/records/NAME.json holds the
+                         record.
     keyed_json(path, ...)  a small result (an evaluation, say) stored with the key it was computed from
     Checkpoints(folder)  a resumable trainer's folder/step-N checkpoints: the model in the HF layout, trainer_state.pt
                          (optimiser, random generators, position, history) and digest.json, every `every` steps and at
@@ -153,6 +154,16 @@ class Stages:
     def begin(self, name):
         """The stage starts (or resumes): recorded as running, with its key."""
         self._write(self.plan[name], "running")
+
+    def run(self, name, compute):
+        """compute() unless the stage is reused, recorded as running before and as done after; its result, or None
+        when reused."""
+        if self.done(name):
+            return None
+        self.begin(name)
+        result = compute()
+        self.finish(name)
+        return result
 
     def finish(self, name):
         """The stage is complete: recorded as done, with the SHA-256 of each of its files (folders carry their own
