@@ -497,28 +497,31 @@ def plot_reward_vs_labels(rows, path_png, title="IMDb: reward against labels use
     the calls of the labelling reward (r* or the learned reward model) spent to reach that checkpoint (DPO: its
     training pairs' share of the offline dataset; PPO: its rollouts; online DPO: counted; Best-of-N: N per
     prefix). Rows without reward_calls (SFT, the methods that label nothing) are left out; SFT's reward is a
-    dotted line. One marker and colour per method as in plot_frontier, the points of one run joined."""
+    dotted line. One marker and colour per method as in plot_frontier, the points of one run joined: solid where
+    the calls are of r*, dashed where they are of the learned reward model (the methods whose rows carry rm_score),
+    whose own training took the labels of the offline pairs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
     labelled = [r for r in rows if r.get("reward_calls")]
+    proxied = {r["method"] for r in labelled if "rm_score" in r}  # labelled by the learned reward model
     for i, method in enumerate(dict.fromkeys(r["method"] for r in labelled)):
         marker, colour = STYLES.get(method, ("v", f"C{i}"))
         runs = _runs_of(labelled, method)
         for j, pts in enumerate(runs.values()):
-            label = None if j else method
+            label = None if j else method + (" (calls of the reward model)" if method in proxied else "")
             if len(runs) > 1:
                 ax.annotate(_point_label(pts[-1]), (pts[-1]["reward_calls"], pts[-1]["reward"]), fontsize=7,
                             color=colour, textcoords="offset points", xytext=(4, 2))
             ax.errorbar([r["reward_calls"] for r in pts], [r["reward"] for r in pts],
-                        yerr=[r.get("reward_se", 0) or 0 for r in pts], fmt=marker + "-", color=colour, markersize=5,
-                        capsize=2, linewidth=0.8, elinewidth=0.6, label=label)
+                        yerr=[r.get("reward_se", 0) or 0 for r in pts], fmt=marker + ("--" if method in proxied else "-"),
+                        color=colour, markersize=5, capsize=2, linewidth=0.8, elinewidth=0.6, label=label)
     sft = next((r for r in rows if r["method"] == "SFT"), None)
     if sft:
         ax.axhline(sft["reward"], color="black", linestyle=":", linewidth=0.8, label="SFT")
     ax.set_xscale("log")
-    ax.set_xlabel("labels used (reward calls)")
+    ax.set_xlabel("labels used (reward calls: of r*, solid; of the learned reward model, dashed)")
     ax.set_ylabel("Reward (r*)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -33,7 +33,7 @@ import online
 import ppo
 import sft
 from data import EOS, InputError, decode, read_imdb
-from machinery.fast import reference_logps
+from machinery.fast import logps, reference_logps
 from machinery.hf import from_pretrained, save_pretrained
 from machinery.hub import imdb_path
 from machinery.lora import train_only_head
@@ -94,11 +94,13 @@ ONLINE = {"online-dpo-gt": "Online DPO (r*)", "online-dpo-rm": "Online DPO (RM)"
 RM_METHODS = ("PPO", "Best-of-N (RM)", "Online DPO (RM)")  # the methods that climb the learned reward model
 for _preset in IMDB_PRESETS.values():
     _preset.setdefault("methods", ",".join(METHODS[:8]))
-# Online DPO's size: a batch of prefixes per iteration, K samples each (K = 2: at most one pair a prefix, as OAIF).
-# GPU: 64 prefixes (<= 64 pairs, offline DPO's batch), 400 iterations (25,600 prefixes, about one pass); CPU: 48
-# prefixes (offline DPO's batch of 48), 50 iterations (one pass over the 2,400); tiny: 4 iterations of 6.
-IMDB_PRESETS["gpu"].update(online_iterations=400, online_prefixes=64, online_samples=2)
-IMDB_PRESETS["cpu"].update(online_iterations=50, online_prefixes=48, online_samples=2)
+# Online DPO's size, matched to one epoch of offline DPO so that on-policy sampling is the only difference: K = 4
+# samples of each prefix (6 pairs at most, as the offline pairs), enough prefixes an iteration for offline DPO's
+# batch of pairs, as many iterations as offline DPO's steps. CPU: 8 prefixes (<= 48 pairs, 32 reward calls) x 285
+# iterations (13,680 pairs, 9,120 reward calls: offline DPO's); GPU: 11 prefixes (<= 66 pairs, batch 64) x 2,200
+# iterations (offline: 23,750 training prefixes x 6 / 64 = 2,226 steps); tiny: 4 iterations of 6 prefixes, K = 2.
+IMDB_PRESETS["gpu"].update(online_iterations=2200, online_prefixes=11, online_samples=4)
+IMDB_PRESETS["cpu"].update(online_iterations=285, online_prefixes=8, online_samples=4)
 IMDB_PRESETS["tiny"].update(online_iterations=4, online_prefixes=6, online_samples=2)
 
 
@@ -463,11 +465,14 @@ def plan(cfg, with_rankings, log):
 # The plan, printed before the first stage: each planned stage's size and, where it can, an estimated time
 
 def measure_speed(cfg, device):
-    """The run's own base model on one micro-batch of chosen+rejected rows (2 * micro_batch_size x (8 +
-    max_new_tokens) tokens), each timed after a warm-up pass: a forward+backward training every weight (SFT, the
-    reward model), one training the weights --trainable names (DPO, PPO, online DPO, the baselines) and a forward
-    without gradients (reference log-probs, KL); and one generate call of sample_batch_size rows x max_new_tokens
-    tokens. Returns {"all", "trained", "forward": tokens/s, "generate": seconds per call}; the model is dropped."""
+    """The run's own base model on one micro-batch of 2 * micro_batch_size rows of (8 + max_new_tokens) tokens, each
+    timed after a warm-up pass, through the code the stages run (machinery.fast.logps: the output head on the scored
+    positions only): "all", forward+backward training every weight, scoring every position (SFT); "trunk", the
+    blocks alone, forward+backward with a scalar read-out (the reward model: no output head); "trained", the
+    weights --trainable names, scoring the completion positions (DPO, PPO, online DPO, the baselines); "forward",
+    the same without gradients (reference log-probs, KL); and "generate", one generate call of sample_batch_size
+    rows x max_new_tokens tokens, in seconds. Rates are in tokens (all the rows' positions) a second; the model is
+    dropped."""
     if cfg.model.startswith("scratch"):
         config = sft.scratch_config()
         if ":" in cfg.model:
@@ -479,23 +484,28 @@ def measure_speed(cfg, device):
     g = torch.Generator().manual_seed(cfg.seed)
     T = min(8 + cfg.max_new_tokens, model.config.block_size)
     x = torch.randint(0, 50000, (2 * cfg.micro_batch_size, T), generator=g).to(device)  # (2B, T)
+    everything = torch.ones_like(x, dtype=torch.bool)                                    # (2B, T) SFT scores all
+    completion = everything.clone()
+    completion[:, :T - cfg.max_new_tokens] = False                                       # the completion's positions
 
-    def tokens_per_s(backward):
+    def tokens_per_s(backward, loss):
         for _ in range(2):  # the first pass warms up (allocations, kernels); the second is timed
             _sync(device)
             t0 = time.time()
             with torch.set_grad_enabled(backward):
-                loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
+                value = loss()
             if backward:
-                loss.backward()
+                value.backward()
             _sync(device)
             seconds = time.time() - t0
         model.zero_grad(set_to_none=True)
-        return x[:, :-1].numel() / seconds
-    speed = {"all": tokens_per_s(True), "forward": tokens_per_s(False)}
+        return x.numel() / seconds
+    speed = {"all": tokens_per_s(True, lambda: logps(model, x, everything).sum()),
+             "trunk": tokens_per_s(True, lambda: model(x, return_hidden=True)[:, -1].sum()),
+             "forward": tokens_per_s(False, lambda: logps(model, x, completion).sum())}
     if cfg.trainable == "head":
         train_only_head(model)
-    speed["trained"] = tokens_per_s(True) if cfg.trainable == "head" else speed["all"]
+    speed["trained"] = tokens_per_s(True, lambda: logps(model, x, completion).sum())
     prompts = torch.randint(0, 50000, (cfg.sample_batch_size, 8), generator=g).tolist()
     model.eval()
     t0 = time.time()
@@ -521,13 +531,14 @@ def plan_lines(cfg, stages, train_reviews, speed=None):
         if kind not in speed:
             return lambda n: None
         if kind == "generate":
-            return lambda n: math.ceil(n / cfg.sample_batch_size) * speed[kind]
+            return lambda n: n / cfg.sample_batch_size * speed[kind]  # a call's cost grows with its rows (the head)
         return lambda n: n / speed[kind]
-    all_s, train_s, fwd_s, gen = rate("all"), rate("trained"), rate("forward"), rate("generate")
+    all_s, trunk_s, train_s, fwd_s, gen = rate("all"), rate("trunk"), rate("trained"), rate("forward"), rate("generate")
     add = lambda *xs: None if None in xs else sum(xs)            # noqa: E731
     per_prefix = cfg.n_samples * (cfg.n_samples - 1) // 2
     train_prefixes = cfg.n_prefixes - len(held_out_groups(range(cfg.n_prefixes)))
     train_pairs = train_prefixes * per_prefix                    # at most
+    rows_per_pair = cfg.n_samples / max(1, per_prefix)           # a prefix's pairs stay together: each sample once
     dpo_steps = train_pairs // cfg.batch_size
     seq_len = 128                                                # sft_stage: min(128, block_size)
     sft_tokens = cfg.sft_tokens or sum(len(r["text"]) for r in train_reviews) // 4  # 0: one epoch (~4 chars a token)
@@ -547,7 +558,7 @@ def plan_lines(cfg, stages, train_reviews, speed=None):
             what, est = (f"{cfg.n_prefixes:,} prefixes x {cfg.n_samples} samples = {n:,} samples, <= "
                          f"{train_pairs:,} training pairs"), gen(n)
         elif name == "reference":
-            what, est = f"log-probs of <= {cfg.n_prefixes * per_prefix:,} pairs", fwd_s(2 * cfg.n_prefixes * per_prefix * T)
+            what, est = f"log-probs of <= {cfg.n_prefixes * per_prefix:,} pairs", fwd_s(cfg.n_prefixes * cfg.n_samples * T)
         elif name.startswith("dpo-pl-beta"):
             per_step = max(1, cfg.batch_size // per_prefix)
             steps = train_prefixes // per_step
@@ -557,18 +568,19 @@ def plan_lines(cfg, stages, train_reviews, speed=None):
         elif name.startswith("dpo-beta"):
             steps = cfg.dpo_epochs * dpo_steps
             what, est = (f"<= {steps:,} steps of {cfg.batch_size} pairs ({cfg.dpo_epochs} epoch"
-                         f"{'s' if cfg.dpo_epochs > 1 else ''})"), train_s(steps * cfg.batch_size * 2 * T)
+                         f"{'s' if cfg.dpo_epochs > 1 else ''})"), train_s(steps * cfg.batch_size * rows_per_pair * T)
             checkpoints += 4 * cfg.dpo_epochs if not cfg.eval_every else math.ceil(steps / cfg.eval_every)
         elif name == "reference-rankings":
             what, est = f"log-probs of <= {train_prefixes * cfg.n_samples:,} samples", \
                 fwd_s(train_prefixes * cfg.n_samples * T)
         elif name.startswith(("preferred-ft", "unlikelihood")):
-            what, est = f"<= {dpo_steps:,} steps of {cfg.batch_size} pairs", train_s(dpo_steps * cfg.batch_size * 2 * T)
+            what, est = f"<= {dpo_steps:,} steps of {cfg.batch_size} pairs", \
+                train_s(dpo_steps * cfg.batch_size * rows_per_pair * T)
             checkpoints += 4 if not cfg.eval_every else math.ceil(dpo_steps / cfg.eval_every)
         elif name == "reward_model":
             batches = cfg.rm_epochs * math.ceil(train_pairs / cfg.micro_batch_size)
             what, est = (f"<= {batches:,} batches of {cfg.micro_batch_size} pairs ({cfg.rm_epochs} epoch"
-                         f"{'s' if cfg.rm_epochs > 1 else ''})"), all_s(batches * cfg.micro_batch_size * 2 * T)
+                         f"{'s' if cfg.rm_epochs > 1 else ''})"), trunk_s(batches * cfg.micro_batch_size * 2 * T)
         elif name in ("ppo", "ppo-gt"):
             n = cfg.ppo_iterations * cfg.ppo_batch_size
             what = f"{cfg.ppo_iterations:,} iterations x {cfg.ppo_batch_size:,} rollouts = {n:,} rollouts"
@@ -607,17 +619,19 @@ def print_plan(cfg, stages, train_reviews, device, log):
     cuda = list(range(torch.cuda.device_count())) if str(device).startswith("cuda") else []
     with torch.random.fork_rng(devices=cuda):  # its initialisation and dropout leave the global RNG as they found it
         speed = measure_speed(cfg, device)
-    log(f"plan ({cfg.preset} preset, {device}); estimate = extrapolated from one micro-batch of the model "
-        f"(forward+backward {speed['all']:,.0f} tokens/s, {cfg.trainable} weights trained {speed['trained']:,.0f}, "
-        f"forward {speed['forward']:,.0f}) and one generate call of {cfg.sample_batch_size} x {cfg.max_new_tokens} "
-        f"tokens ({speed['generate']:.2f} s), measured in {time.time() - t0:.1f} s with the machine as loaded now; rough: "
-        f"the trainers' fast paths and the reward calls are not counted):")
-    total = 0.0
-    for name, what, est in plan_lines(cfg, stages, train_reviews, speed):
+    log(f"plan ({cfg.preset} preset, {device}); estimate = extrapolated from one micro-batch of the model through "
+        f"the trainers' code (tokens/s: all weights trained {speed['all']:,.0f}, blocks only {speed['trunk']:,.0f}, "
+        f"{cfg.trainable} weights trained {speed['trained']:,.0f}, forward {speed['forward']:,.0f}) and one generate "
+        f"call of {cfg.sample_batch_size} x {cfg.max_new_tokens} tokens ({speed['generate']:.2f} s), measured in "
+        f"{time.time() - t0:.1f} s with the machine as loaded now; rough: reward calls and per-step overheads are "
+        f"not counted):")
+    total, lines = 0.0, plan_lines(cfg, stages, train_reviews, speed)
+    width = max(len(what) for _, what, _ in lines)
+    for name, what, est in lines:
         when = "cached" if name in stages.plan and stages.done(name) else ("not estimated" if est is None else f"estimate {_hms(est)}")
-        log(f"  {name:<22} {what:<84} {when}")
+        log(f"  {name:<22} {what:<{width}} {when}")
         total += est or 0
-    log(f"  {'total':<22} {'':<84} estimate {_hms(total)}")
+    log(f"  {'total':<22} {'':<{width}} estimate {_hms(total)}")
 
 
 def _hms(seconds):

@@ -306,6 +306,19 @@ def test_dpo_epochs_keys_the_dpo_stages_only_when_above_one():
     assert lines["evaluation"].startswith("17 policies")  # SFT + a checkpoint every quarter epoch
 
 
+def test_the_cpu_presets_online_dpo_matches_one_epoch_of_offline_dpo():
+    """The CPU preset sizes online DPO so that on-policy sampling is the only difference from offline DPO's epoch:
+    as many steps, at most as many pairs a step (K = 4: 6 pairs a prefix, as the offline pairs), the same reward calls
+    (4 a prefix). By hand: 2,400 prefixes, 120 held out, 2,280 x 6 = 13,680 pairs // 48 = 285 steps, 2,280 x 4 =
+    9,120 reward calls; online: 285 x 8 prefixes x 4 = 9,120 calls, 285 x 8 x 6 = 13,680 pairs."""
+    cfg = imdb.ImdbConfig(preset="cpu", out="unused", imdb=IMDB, methods="dpo,online-dpo-gt").resolved()
+    lines = dict((name, what) for name, what, _ in imdb.plan_lines(cfg, imdb.plan(cfg, True, log=lambda s: None),
+                                                                     [{"text": "x" * 400}]))
+    assert lines["dpo-beta0.1"] == "<= 285 steps of 48 pairs (1 epoch)"
+    assert lines["online-dpo-gt"] == "285 iterations x 8 prefixes x K = 4: 9,120 samples and reward calls, <= 13,680 pairs"
+    assert cfg.online_prefixes * 6 == cfg.batch_size
+
+
 @needs_imdb
 def test_a_tiny_run_of_online_dpo_by_r_star_and_by_the_reward_model(tmp_path):
     """Every online stage at micro scale: 4 iterations of 6 prefixes x 2 samples, checkpoints after each, each row
