@@ -332,7 +332,7 @@ def plan(cfg, methods, log):
     judge_inputs = []
     if cfg.judge == "rm" and not cfg.judge_model:
         stages.add("judge_rm", s("judge_base", "judge_lr", "judge_trainable", "seed"),
-                   ["data", "sft"] if cfg.judge_base == "sft" else ["data"], ["judge_rm"])
+                   ["data", "sft"] if cfg.judge_base == "sft" else ["data"], ["judge_rm", "judge_rm.run"])
         judge_inputs = ["judge_rm"]
     sampling = s("temperatures", "news_temperatures", "max_new_tokens", "max_prompt_length", "sample_batch_size",
                  "seed")
@@ -558,6 +558,9 @@ def load_reward_model(folder, device):
     return model
 
 
+JUDGE_BATCH = 16  # pairs per step of the reward-model judge (judge.train_rm_judge's default)
+
+
 def judge_rm_stage(cfg, stages, sft_dir, splits, device, log):
     """--judge rm: judge.train_rm_judge on the judge pairs (GPT-2 tokens), measured on the held-out pairs."""
     if cfg.judge != "rm":
@@ -569,9 +572,12 @@ def judge_rm_stage(cfg, stages, sft_dir, splits, device, log):
     def compute():
         base = sft_dir if cfg.judge_base == "sft" else cfg.judge_base
         gpt2 = lambda pairs: tokenized(pairs, None, cfg)  # noqa: E731 (the judge reads GPT-2 tokens, judge.rm_ids)
+        total = math.ceil(len(splits["judge"]) / JUDGE_BATCH)  # one epoch of batches, resumable a quarter apart
         jd.train_rm_judge(gpt2(splits["judge"]), folder, base_model=load_model(base, device, cfg.seed),
                           held_out=gpt2(splits["heldout"]), train_trunk=cfg.judge_trainable == "all", lr=cfg.judge_lr,
-                          seed=cfg.seed, device=device, log=log)
+                          batch_size=JUDGE_BATCH, seed=cfg.seed, device=device, log=log,
+                          checkpoints=Checkpoints(folder + ".run", math.ceil(total / 4), total, keep=False, log=log))
+        shutil.rmtree(folder + ".run", ignore_errors=True)
     stages.run("judge_rm", compute)
     return folder
 

@@ -319,12 +319,13 @@ def _atomic_write(path, text):
 
 
 def train_rm_judge(pairs, out_folder, base_model="gpt2", held_out=None, train_trunk=False, epochs=1,
-                   batch_size=16, lr=1e-4, seed=0, device="cpu", log=print):
+                   batch_size=16, lr=1e-4, seed=0, device="cpu", log=print, checkpoints=None):
     """Fits a reward-model judge to preference pairs with ppo.train_reward_model and saves it in out_folder:
     the trunk (config.json + model.safetensors), head.pt, then accuracy.json (its held-out accuracy: the
     share of held-out pairs it ranks right). pairs: dicts with prompt_ids/chosen_ids/rejected_ids, or with
     prompt/chosen/rejected text (tokenised as rm_ids does). held_out: pairs to measure on; None: every 10th
-    pair is held out. base_model: a GPT, or a hub name, folder or random:L,H,C spec. Returns the accuracy dict."""
+    pair is held out. base_model: a GPT, or a hub name, folder or random:L,H,C spec. checkpoints: a
+    machinery.stages.Checkpoints (counting batches) to resume an interrupted fit from. Returns the accuracy dict."""
     pairs = [_pair_ids(p) for p in pairs]
     if held_out is None:
         pairs, held_out = [p for i, p in enumerate(pairs) if i % 10 != 9], pairs[9::10] or pairs[-1:]
@@ -335,7 +336,7 @@ def train_rm_judge(pairs, out_folder, base_model="gpt2", held_out=None, train_tr
     trunk = load_model(base_model, device, seed) if isinstance(base_model, str) else base_model
     t0 = time.time()
     model, accuracy = ppo.train_reward_model(trunk, pairs, train_trunk=train_trunk, epochs=epochs,
-                                             batch_size=batch_size, lr=lr, seed=seed, log=log)
+                                             batch_size=batch_size, lr=lr, seed=seed, log=log, checkpoints=checkpoints)
     acc = {"heldout_accuracy": accuracy(held_out), "n": len(held_out), "train_accuracy": accuracy(pairs),
            "trainable": "all" if train_trunk else "head", "base_model": base_model if isinstance(base_model, str)
            else "a GPT passed in", "seconds": time.time() - t0}
