@@ -18,4 +18,5 @@ proves it). The reader's path is the top level: model.py -> dpo.py -> data.py ->
                     and resumable trainer checkpoints (weights, optimiser, generators, position)
     corpora.py      the dialogue and summarization data: HH single-turn prompts, 2-shot, splits by prompt; TL;DR
                     posts and comparisons; CNN/DailyMail articles
+    plan.py         the plan an IMDb run prints before its first stage: each stage's size and an estimated time
 """
