@@ -75,14 +75,22 @@ def iteration_prompts(prompts, iteration, per_iteration, seed):
 def dpo_step(policy, reference, pairs, loss_fn, optimizer, scheduler, cfg):
     """(4): one DPO step on pairs [(prompt_ids, chosen_ids, rejected_ids)]: summed log-probs of chosen and
     rejected under the policy (with grad) and pi_ref (without), loss_fn(...)[0].mean() backward, clipped, one
-    optimiser and scheduler step. Returns (loss, accuracy of the implicit reward, gradient norm)."""
-    prompts = [p for p, _, _ in pairs] * 2                                     # 2B rows: chosen, then rejected
-    responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
-    policy_chosen_logps, policy_rejected_logps = ev.batch_completion_logps(policy, prompts, responses).float().chunk(2)
-    reference_logps = ev.completion_logps(reference, prompts, responses, cfg.sample_batch_size)  # (2B,) no grad
-    reference_chosen_logps, reference_rejected_logps = reference_logps.to(policy_chosen_logps.device).chunk(2)
-    losses, chosen_rewards, rejected_rewards = loss_fn(policy_chosen_logps, policy_rejected_logps,
-                                                       reference_chosen_logps, reference_rejected_logps, cfg.beta)
+    optimiser and scheduler step. Each distinct (prompt, response) row is scored once and its log-prob used by
+    every pair it is in (K samples make up to K(K-1)/2 pairs of only K rows: at K = 4, 4 rows instead of 12); the
+    same sums as scoring the 2B rows one by one (test_online.py -k distinct_rows).
+    Returns (loss, accuracy of the implicit reward, gradient norm)."""
+    row = {}                                                                   # (prompt, response) -> its row
+    for x, yw, yl in pairs:
+        for y in (yw, yl):
+            row.setdefault((tuple(x), tuple(y)), len(row))
+    prompts, responses = [list(x) for x, _ in row], [list(y) for _, y in row]  # N <= 2B distinct rows
+    chosen = torch.tensor([row[tuple(x), tuple(yw)] for x, yw, _ in pairs])    # (B,) row of each pair's y_w
+    rejected = torch.tensor([row[tuple(x), tuple(yl)] for x, _, yl in pairs])  # (B,) and of its y_l
+    policy_logps = ev.batch_completion_logps(policy, prompts, responses).float()              # (N,) with grad
+    reference_logps = ev.completion_logps(reference, prompts, responses, cfg.sample_batch_size)  # (N,) no grad
+    reference_logps = reference_logps.to(policy_logps.device)
+    losses, chosen_rewards, rejected_rewards = loss_fn(policy_logps[chosen], policy_logps[rejected],
+                                                       reference_logps[chosen], reference_logps[rejected], cfg.beta)
     losses.mean().backward()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)

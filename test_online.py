@@ -162,6 +162,49 @@ def toy_reward(sequences):
     return torch.tensor([sum(t % 2 == 0 for t in s) / len(s) for s in sequences])
 
 
+def test_online_dpo_step_scores_distinct_rows_once_with_the_gradient_of_every_pair_scored_alone(tmp_path, monkeypatch):
+    """K = 4 samples of 2 prefixes (a sample shared by up to 3 pairs, one response repeated on purpose): dpo_step's
+    loss and clipped gradient equal those of the plain computation, every pair's chosen and rejected rows scored
+    on their own (2B rows, duplicates and all), to float rounding."""
+    import eval as ev
+    import online
+    from machinery.hf import from_pretrained
+    sft_dir = tiny_sft(tmp_path / "sft")
+    reference = from_pretrained(sft_dir).requires_grad_(False)
+    prompts = [[50256, 11, 12], [50256, 13]]
+    samples = ev.sample_completions(reference, prompts, 4, 5, generator=torch.Generator().manual_seed(3))
+    samples[3] = list(samples[2])  # two equal samples of the first prefix: one row
+    rows = [p for p in prompts for _ in range(4)]
+    rewards = [float(sum(x + y)) for x, y in zip(rows, samples)]  # distinct but for the equal samples (a tie)
+    pairs = online.label_pairs(prompts, samples, rewards, 4)
+    assert len(pairs) == 5 + 6  # the tie makes no pair
+    cfg = online.OnlineConfig(beta=0.1, max_grad_norm=1e9)
+
+    class Keep(torch.optim.SGD):  # records the gradient the step was taken with
+        def step(self, closure=None):
+            self.grads = [p.grad.clone() for p in self.param_groups[0]["params"]]
+    fast = from_pretrained(sft_dir)
+    opt = Keep(fast.parameters(), lr=0.0)
+    scored, real = [], ev.batch_completion_logps
+    monkeypatch.setattr(ev, "batch_completion_logps", lambda m, xs, ys: scored.append(len(xs)) or real(m, xs, ys))
+    loss, accuracy, norm = online.dpo_step(fast, reference, pairs, dpo.dpo_loss, opt,
+                                           torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), cfg)
+    monkeypatch.undo()
+    assert scored[0] == 7  # 8 samples, two of them equal: 7 rows for 22 pair sides
+
+    plain = from_pretrained(sft_dir)
+    prompts2 = [x for x, _, _ in pairs] * 2
+    responses = [yw for _, yw, _ in pairs] + [yl for _, _, yl in pairs]
+    pol = torch.stack([ev.batch_completion_logps(plain, [x], [y])[0] for x, y in zip(prompts2, responses)])  # one by one
+    ref = torch.stack([ev.batch_completion_logps(reference, [x], [y])[0] for x, y in zip(prompts2, responses)])
+    losses, _, _ = dpo.dpo_loss(*pol.chunk(2), *ref.chunk(2), 0.1)
+    losses.mean().backward()
+    assert abs(loss - losses.mean().item()) < 1e-6
+    for g, p in zip(opt.grads, plain.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+    assert norm > 0
+
+
 def test_online_dpo_first_iteration_at_k2_on_frozen_sft_samples_equals_one_offline_dpo_step(tmp_path):
     """K = 2 samples of each of 6 prefixes drawn once from pi_SFT and frozen (online DPO's sampler replaced by
     them): online DPO's first iteration and dpo.py's train (one step, the batch = all the pairs) on the same
