@@ -22,6 +22,7 @@ import generation
 from machinery import corpora
 from machinery.hf import save_pretrained
 from model import GPT, GPTConfig
+from test_stages import kill_in_turn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken"))
@@ -124,25 +125,14 @@ def test_a_kill_inside_each_resumable_stage_resumes_there_and_gives_the_same_res
     in the next one; the last rerun finishes. Each rerun says where it resumed, and results.csv equals that of the
     same command run once, uninterrupted, in a process of its own (as the kills are: the same threads, the same sums)."""
     out, whole = tmp_path / "killed", tmp_path / "whole"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     points = [("sft.run:6", "sft.run: resumed at step 6 of 15"),
               ("dpo:8", "  dpo                      resume     interrupted"),
               ("bon_rm.run:8", "bon_rm.run: resumed at step 8 of 15"),
               ("judge_rm.run:12", "judge_rm.run: resumed at step 12 of 22")]
     cmd = [sys.executable, os.path.join(HERE, "dpo.py"), "--task", "hh", "--preset", "tiny", "--hh-train", HH,
            "--out", str(out), "--device", "cpu"]
-    expected_resume = None
-    for point, resumed in points + [(None, None)]:
-        p = subprocess.run(cmd, env={**env, **({"DPO_TEST_KILL": point} if point else {})}, capture_output=True,
-                           text=True, timeout=300)
-        if expected_resume:
-            assert expected_resume in p.stdout, (expected_resume, p.stdout[-3000:], p.stderr[-2000:])
-        if point:
-            assert p.returncode == -9, (point, p.returncode, p.stdout[-2000:], p.stderr[-2000:])
-        else:
-            assert p.returncode == 0, p.stderr[-2000:]
-        expected_resume = resumed
-    assert subprocess.run(cmd[:-4] + ["--out", str(whole), "--device", "cpu"], env=env, capture_output=True,
+    kill_in_turn(cmd, points)
+    assert subprocess.run(cmd[:-4] + ["--out", str(whole), "--device", "cpu"], capture_output=True,
                           timeout=300).returncode == 0
     assert (out / "results.csv").read_text() == (whole / "results.csv").read_text()
     assert not (out / "judge_rm.run").exists() and not (out / "bon_rm.run").exists() and not (out / "sft.run").exists()

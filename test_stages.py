@@ -179,13 +179,30 @@ def test_changed_settings_recompute_what_they_feed_and_equal_a_fresh_run(base_ru
     assert all(r["n"] == 4 for r in rows if "n" in r) and "SFT eval: reused" not in printed
 
 
+def kill_in_turn(cmd, points):
+    """Runs cmd once per (point, message) of points with DPO_TEST_KILL=point (machinery/integrity.kill_point: SIGKILL
+    right after that checkpoint), then once to the end; each run after a kill must print `message` (where it
+    resumed). The same threads as an uninterrupted run in its own process: the same sums."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    expected_resume = None
+    for point, resumed in points + [(None, None)]:
+        p = subprocess.run(cmd, env={**env, **({"DPO_TEST_KILL": point} if point else {})}, capture_output=True,
+                           text=True, timeout=300)
+        if expected_resume:
+            assert expected_resume in p.stdout, (expected_resume, p.stdout[-3000:], p.stderr[-2000:])
+        if point:
+            assert p.returncode == -9, (point, p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+        else:
+            assert p.returncode == 0, p.stderr[-2000:]
+        expected_resume = resumed
+
+
 @needs_imdb
 def test_a_kill_inside_each_resumable_stage_resumes_there_and_gives_the_same_results(base_run, tmp_path):
     """SIGKILL (DPO_TEST_KILL, machinery/integrity.kill_point) right after a checkpoint of each resumable stage in
     turn, each rerun killed in the next one; the last rerun finishes. Each resumes at its checkpoint (not from
     step 0), and results.csv equals the uninterrupted run's."""
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the same threads as the uninterrupted run: the same sums
     points = [("sft-checkpoints:2", "sft-checkpoints: resumed at step 2 of 3"),
               ("dpo-beta0.1:3", "DPO beta 0.1: 11 steps (resuming after step 3)"),
               ("dpo-pl-beta0.1:3", "dpo-pl-beta0.1: resumed at step 3 of 11"),
@@ -194,18 +211,7 @@ def test_a_kill_inside_each_resumable_stage_resumes_there_and_gives_the_same_res
               ("reward_model-checkpoints:6", "reward_model-checkpoints: resumed at step 6 of 23"),
               ("ppo-gt:2", "ppo-gt: resumed at step 2 of 4"),
               ("ppo:3", "ppo: resumed at step 3 of 4")]
-    cmd = [sys.executable, os.path.join(HERE, "dpo.py"), *tiny(out)]
-    expected_resume = None
-    for point, resumed in points + [(None, None)]:
-        p = subprocess.run(cmd, env={**env, **({"DPO_TEST_KILL": point} if point else {})}, capture_output=True,
-                           text=True, timeout=300)
-        if expected_resume:
-            assert expected_resume in p.stdout, (expected_resume, p.stdout[-3000:], p.stderr[-2000:])
-        if point:
-            assert p.returncode == -9, (point, p.returncode, p.stderr[-2000:])
-        else:
-            assert p.returncode == 0, p.stderr[-2000:]
-        expected_resume = resumed
+    kill_in_turn([sys.executable, os.path.join(HERE, "dpo.py"), *tiny(out)], points)
     assert (out / "results.csv").read_text() == (base_run / "results.csv").read_text()
 
 
