@@ -403,6 +403,9 @@ REPORT_FILES = ("results.csv", "results.json", "frontier.png", "summary.json", "
                 "overoptimization.png")
 
 
+LATE_FLAGS = {"dpo_epochs": 1}  # flag -> the value that computes what runs made before the flag existed computed
+
+
 def plan(cfg, with_rankings, log):
     """Every stage of the run, keyed on the flags that feed it and on its inputs (machinery/stages.py): a changed
     flag recomputes the stages it feeds and everything downstream of them, nothing else."""
@@ -410,8 +413,8 @@ def plan(cfg, with_rankings, log):
     add = stages.add
     methods = chosen_methods(cfg)  # a stage no chosen method needs is not planned
 
-    def flags(*names):
-        return {n: getattr(cfg, n) for n in names}
+    def flags(*names):  # a flag added after runs were keyed enters a key only when it differs from its neutral value
+        return {n: getattr(cfg, n) for n in names if n not in LATE_FLAGS or getattr(cfg, n) != LATE_FLAGS[n]}
     reviews = {"imdb": imdb_identity(cfg), **flags("max_reviews", "seed")}
     add("sft", {**reviews, **flags("model", "sft_tokens", "sft_lr", "sft_batch_size")}, [], ["sft", "sft-checkpoints"])
     add("classifier", {**reviews, **flags("reward", "classifier_epochs")}, [],
@@ -422,8 +425,7 @@ def plan(cfg, with_rankings, log):
         add("reference", flags("micro_batch_size"), ["sft", "pairs"], ["reference_logps.pt"])
     training = flags("optimizer", "lr", "warmup_steps", "batch_size", "eval_every", "adam_eps", "trainable", "seed")
     for beta in numbers(cfg, "betas") if "dpo" in methods else []:
-        epochs = flags("dpo_epochs") if cfg.dpo_epochs != 1 else {}  # (1: the keys runs before the flag had)
-        add(f"dpo-beta{beta:g}", {**training, **flags("micro_batch_size"), **epochs, "beta": beta},
+        add(f"dpo-beta{beta:g}", {**training, **flags("micro_batch_size", "dpo_epochs"), "beta": beta},
             ["sft", "pairs", "reference"], [f"dpo-beta{beta:g}"])
     if with_rankings and "dpo-pl" in methods and numbers(cfg, "ranking_betas", empty=True):
         add("reference-rankings", flags("sample_batch_size"), ["sft", "pairs"], ["reference_rankings.pt"])
@@ -469,13 +471,14 @@ def plan(cfg, with_rankings, log):
 def plan_sizes(cfg, train_reviews):
     """What machinery/plan.py needs to size the stages and only this pipeline knows."""
     return {"train_prefixes": cfg.n_prefixes - len(held_out_groups(range(cfg.n_prefixes))),
-            "sft_tokens": cfg.sft_tokens or sum(len(r["text"]) for r in train_reviews) // 4,  # 0: one epoch, ~4 chars a token
+            "sft_tokens": cfg.sft_tokens or sum(len(r["text"]) for r in train_reviews) // 4,  # 0: an epoch, ~4 chars/token
             "largest_n": max(numbers(cfg, "best_of_n", kind=int, low=1, strict=False, empty=True), default=0),
             "online": set(ONLINE)}
 
 
 def base_model(cfg, device):
-    """A fresh, untrained copy of the run's base model (--model), for timing."""
+    """The run's base model (--model) as it starts: scratch[:L,H,C] built (initialised from torch's global
+    generator), otherwise loaded. The SFT stage trains one; the plan times one."""
     if cfg.model.startswith("scratch"):
         config = sft.scratch_config()
         if ":" in cfg.model:
@@ -527,16 +530,11 @@ def sft_stage(cfg, stages, train_reviews, device, log):
         stages.begin("sft")
         tokens = sft.review_tokens(train_reviews)
         if cfg.model.startswith("scratch"):
-            shape = cfg.model.partition(":")[2]
-            config = sft.scratch_config()
-            if shape:
-                n_layer, n_head, n_embd = (int(v) for v in shape.split(","))
-                config = dataclasses.replace(config, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-            torch.manual_seed(cfg.seed)
-            model = GPT(config).to(device)
+            torch.manual_seed(cfg.seed)  # the scratch model's initialisation
+            model = base_model(cfg, device)
             sft.init_unigram_bias(model, tokens)
         else:
-            model = from_pretrained(cfg.model, device=device)
+            model = base_model(cfg, device)
             if load_tokenizer(cfg.model).to_id is not None:  # prompts, pairs and the reward all use GPT-2 ids
                 raise InputError(f"--model {cfg.model}: its tokenizer is not GPT-2's; the IMDb experiment tokenises "
                                  f"with GPT-2's BPE throughout: use a GPT-2-tokenised model (gpt2*, GPT-J)")

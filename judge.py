@@ -66,6 +66,7 @@ import data
 import ppo
 from data import EOS, InputError
 from machinery.hf import from_pretrained, load_model, save_pretrained
+from machinery.integrity import atomic_write, save_torch, write_json
 
 DEFAULT_URL = "https://api.openai.com/v1"
 CACHE_FILE = "judge_cache.jsonl"
@@ -312,12 +313,6 @@ def _pair_ids(pair):
             "rejected_ids": data.encode(pair["rejected"]) + [EOS]}
 
 
-def _atomic_write(path, text):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def train_rm_judge(pairs, out_folder, base_model="gpt2", held_out=None, train_trunk=False, epochs=1,
                    batch_size=16, lr=1e-4, seed=0, device="cpu", log=print, checkpoints=None):
     """Fits a reward-model judge to preference pairs with ppo.train_reward_model and saves it in out_folder:
@@ -341,9 +336,8 @@ def train_rm_judge(pairs, out_folder, base_model="gpt2", held_out=None, train_tr
            "trainable": "all" if train_trunk else "head", "base_model": base_model if isinstance(base_model, str)
            else "a GPT passed in", "seconds": time.time() - t0}
     save_pretrained(model.trunk, out_folder)  # first: it replaces the whole folder
-    torch.save(model.head.state_dict(), os.path.join(out_folder, "head.pt.tmp"))
-    os.replace(os.path.join(out_folder, "head.pt.tmp"), os.path.join(out_folder, "head.pt"))
-    _atomic_write(os.path.join(out_folder, "accuracy.json"), json.dumps(acc, indent=1) + "\n")  # last: complete
+    save_torch(os.path.join(out_folder, "head.pt"), model.head.state_dict())
+    write_json(os.path.join(out_folder, "accuracy.json"), acc)  # last: the folder is complete
     log(f"reward-model judge: held-out accuracy {acc['heldout_accuracy']:.3f} on {len(held_out)} pairs, "
         f"saved in {out_folder}")
     return acc
@@ -517,8 +511,8 @@ def win_rate(samples, judge, out_dir, seed=0, max_calls=None, log=print):
               "judge": judge.description} for r, s in zip(records, samples)]
     summary = {**rate(records), "judge": judge.description, "prompt_kind": judge.prompt_kind, "seed": seed,
                "samples": len(samples)}
-    _atomic_write(os.path.join(out_dir, "judgments.jsonl"), "".join(json.dumps(x) + "\n" for x in lines))
-    _atomic_write(os.path.join(out_dir, "win_rate.json"), json.dumps(summary, indent=1) + "\n")
+    atomic_write(os.path.join(out_dir, "judgments.jsonl"), lambda f: f.writelines(json.dumps(x) + "\n" for x in lines))
+    write_json(os.path.join(out_dir, "win_rate.json"), summary)
     log(_summary_line("win rate", summary))
     _show_invalid(records, log)
     return summary
@@ -536,8 +530,8 @@ def agreement(pairs, judge, out_dir, seed=0, max_calls=None, log=print):
     summary = {**rate(records), "judge": judge.description, "prompt_kind": judge.prompt_kind, "seed": seed,
                "pairs": len(pairs)}
     summary["agreement"] = summary.pop("win_rate")
-    _atomic_write(os.path.join(out_dir, "agreement.jsonl"), "".join(json.dumps(x) + "\n" for x in lines))
-    _atomic_write(os.path.join(out_dir, "agreement.json"), json.dumps(summary, indent=1) + "\n")
+    atomic_write(os.path.join(out_dir, "agreement.jsonl"), lambda f: f.writelines(json.dumps(x) + "\n" for x in lines))
+    write_json(os.path.join(out_dir, "agreement.json"), summary)
     log(_summary_line("judge agreement with human labels", {**summary, "win_rate": summary["agreement"]}))
     _show_invalid(records, log)
     return summary

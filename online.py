@@ -26,7 +26,8 @@ K may exceed 2 and then every pair of the K samples is used (as the offline IMDb
 Tests (test_online.py): at K = 2, with the samples drawn from pi_SFT and frozen (no fresh sampling), the first
 iteration equals one offline DPO step (dpo.py's train) on the same pairs: the same loss and the same weights
 after the step; the label accounting of a micro run checked by hand; a run killed after a checkpoint resumes
-there and ends with the same weights.
+there and ends with the same weights; a step's loss and gradient, each distinct sample scored once, equal those
+of every pair scored alone.
 """
 import dataclasses
 import time
